@@ -1,0 +1,1 @@
+//! The Frangipani file system library (not built yet).

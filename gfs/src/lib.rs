@@ -1,0 +1,1 @@
+//! GFS mode: master, chunkservers and client (not built yet).

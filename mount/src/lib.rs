@@ -1,0 +1,1 @@
+//! The FUSE adapter and the `frangipani` command (not built yet).

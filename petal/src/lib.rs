@@ -1,0 +1,1 @@
+//! Petal: the replicated virtual disk service (not built yet).

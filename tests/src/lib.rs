@@ -1,0 +1,1 @@
+//! Cross-crate tests with real processes live in `tests/`.

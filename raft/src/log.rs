@@ -92,7 +92,9 @@ impl RaftLog {
             match self.term(i) {
                 Some(t) if t <= term => return (i, t),
                 Some(_) if i > self.snapshot.index => i = i.prev(),
-                _ => return (i, Term(0)),
+                // Still too new at the snapshot: the match lies below it.
+                Some(_) => return (i.prev(), Term(0)),
+                None => return (i, Term(0)),
             }
         }
     }

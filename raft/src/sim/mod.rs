@@ -551,8 +551,23 @@ impl Sim {
     pub(crate) fn fail(&self, msg: &str) -> ! {
         let tail: Vec<&String> = self.trace.iter().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
         let tail: String = tail.iter().map(|l| format!("  {l}\n")).collect();
+        let nodes: String = self
+            .nodes
+            .iter()
+            .map(|(id, n)| match &n.raft {
+                Some(r) => {
+                    let s = r.status();
+                    format!(
+                        "  {id}: {:?} {} leader={:?} log={}..{} commit={} applied={} voters={:?} learners={:?} peers={:?}\n",
+                        s.role, s.term, s.leader, s.first_index, s.last_index, s.commit, n.applied,
+                        s.conf.voters, s.conf.learners, s.peers.iter().map(|p| (p.id, p.matched, p.state)).collect::<Vec<_>>()
+                    )
+                }
+                None => format!("  {id}: down\n"),
+            })
+            .collect();
         panic!(
-            "raft simulation failed at {}ms (seed {}): {msg}\nreplay: RAFT_SIM_SEED={} RAFT_SIM_TRACE=1 cargo test -p raft sim::\n{}",
+            "raft simulation failed at {}ms (seed {}): {msg}\n{nodes}replay: RAFT_SIM_SEED={} RAFT_SIM_TRACE=1 cargo test -p raft sim::\n{}",
             self.now_ms, self.cfg.seed, self.cfg.seed, tail
         );
     }

@@ -198,7 +198,10 @@ fn full_cluster_restart_keeps_committed() {
 #[test]
 fn figure8_1000_leader_crashes() {
     let mut cfg = SimConfig::new(8, 5);
-    cfg.delay_ms = (1, 12);
+    // One entry per message and long, uneven delays: the interleavings of Figure 8.
+    cfg.delay_ms = (1, 30);
+    cfg.max_msg_bytes = 1;
+    cfg.max_inflight_msgs = 1;
     let mut sim = Sim::new(cfg);
     let mut crashes = 0;
     let mut rng_state = 0x9e3779b97f4a7c15u64;

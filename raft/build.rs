@@ -6,6 +6,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         // `bytes::Bytes` for bytes fields: entries and snapshot chunks are shared, not copied.
         .bytes(["."])
-        .compile_protos(&["proto/raft.proto"], &["proto"])?;
+        .compile_protos(&["proto/raft.proto", "proto/kv.proto"], &["proto"])?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! sequence number = Raft index), term and vote in an atomically replaced file, and the
 //! latest snapshot in another.
 
-use crate::{Entry, HardState, Index, Ready, Restored, Snapshot};
+use crate::{Entry, EntryPayload, HardState, Index, Ready, Restored, Snapshot};
 use bincode::Options;
 use std::path::{Path, PathBuf};
 use storage::{read_checked, write_atomic, CutTail, LogOptions, RecordLog, StorageError};
@@ -34,7 +34,7 @@ pub enum DiskError {
 pub struct NodeDisk {
     dir: PathBuf,
     log: RecordLog,
-    /// Term and vote as last written (commit is not persisted: it is only a hint).
+    /// The hard state as last written.
     written_hard: HardState,
 }
 
@@ -51,15 +51,18 @@ pub struct Loaded {
 impl NodeDisk {
     /// Opens (or creates) the node's directory and loads its state.
     pub fn open(dir: &Path) -> Result<(NodeDisk, Loaded), DiskError> {
-        std::fs::create_dir_all(dir).map_err(|source| StorageError::Io { context: format!("create {}", dir.display()), source })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| StorageError::Io { context: format!("create {}", dir.display()), source })?;
         let (log, report) = RecordLog::open(&dir.join("log"), LogOptions::default())?;
         if let Some(cut) = &report.cut {
             tracing::warn!(dir = %dir.display(), "raft log tail cut at open: {cut}");
         }
         let hard_path = dir.join("hard_state");
-        let hard: Option<HardState> = read_checked(&hard_path)?.map(|b| decode(&hard_path, &b)).transpose()?;
+        let hard: Option<HardState> =
+            read_checked(&hard_path)?.map(|b| decode(&hard_path, &b)).transpose()?;
         let snap_path = dir.join("snapshot");
-        let snapshot: Option<Snapshot> = read_checked(&snap_path)?.map(|b| decode(&snap_path, &b)).transpose()?;
+        let snapshot: Option<Snapshot> =
+            read_checked(&snap_path)?.map(|b| decode(&snap_path, &b)).transpose()?;
         let mut entries = Vec::new();
         for (seq, bytes) in log.read_from(log.first_seq())? {
             let e: Entry = decode(&dir.join("log"), &bytes)?;
@@ -99,12 +102,19 @@ impl NodeDisk {
             }
             self.log.sync()?;
         }
-        if let Some(hs) = rd.hard_state {
-            if (hs.term, hs.vote) != (self.written_hard.term, self.written_hard.vote) {
-                let hs = HardState { commit: Index(0), ..hs };
-                write_atomic(&self.dir.join("hard_state"), &codec().serialize(&hs).expect("serializes"))?;
-                self.written_hard = hs;
-            }
+        // Term and vote must be durable when they change. The commit index is only a hint
+        // (a lower bound), written along with them, and whenever a membership change is
+        // applied, so that a restarted node knows the configuration it last used.
+        let hs = rd.hard_state.unwrap_or(self.written_hard);
+        let conf_applied = rd.committed.iter().rev().find(|e| matches!(e.payload, EntryPayload::Config(_)));
+        let vote_changed = (hs.term, hs.vote) != (self.written_hard.term, self.written_hard.vote);
+        let conf_changed = conf_applied.is_some_and(|e| e.index > self.written_hard.commit);
+        if vote_changed || conf_changed {
+            let commit =
+                hs.commit.max(conf_applied.map_or(Index(0), |e| e.index)).max(self.written_hard.commit);
+            let hs = HardState { commit, ..hs };
+            write_atomic(&self.dir.join("hard_state"), &codec().serialize(&hs).expect("serializes"))?;
+            self.written_hard = hs;
         }
         Ok(())
     }
@@ -118,7 +128,11 @@ impl NodeDisk {
 
     /// Writes the bootstrap state of a founding member.
     pub fn bootstrap(&mut self, restored: &Restored) -> Result<(), DiskError> {
-        let rd = Ready { hard_state: Some(restored.hard_state), entries: restored.entries.clone(), ..Ready::default() };
+        let rd = Ready {
+            hard_state: Some(restored.hard_state),
+            entries: restored.entries.clone(),
+            ..Ready::default()
+        };
         self.persist(&rd)
     }
 
@@ -129,5 +143,7 @@ impl NodeDisk {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, DiskError> {
-    codec().deserialize(bytes).map_err(|e| DiskError::Decode { path: path.to_path_buf(), detail: e.to_string() })
+    codec()
+        .deserialize(bytes)
+        .map_err(|e| DiskError::Decode { path: path.to_path_buf(), detail: e.to_string() })
 }

@@ -160,10 +160,8 @@ impl<S: StateMachine> Node<S> {
         }
         if let Some(s) = &restored.snapshot {
             if sm.applied_index() < s.meta.index {
-                sm.restore(s.meta.index, &s.data).map_err(|detail| DiskError::Decode {
-                    path: cfg.data_dir.join("snapshot"),
-                    detail,
-                })?;
+                sm.restore(s.meta.index, &s.data)
+                    .map_err(|detail| DiskError::Decode { path: cfg.data_dir.join("snapshot"), detail })?;
             }
         }
         restored.applied = restored.applied.max(sm.applied_index());
@@ -211,7 +209,10 @@ impl<S: StateMachine> Node<S> {
 
     /// Runs `f` on the state machine at a linearizable point (ReadIndex): it sees every
     /// command acknowledged before the call.
-    pub async fn read<R: Send + 'static>(&self, f: impl FnOnce(&S) -> R + Send + 'static) -> Result<R, ClientError> {
+    pub async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&S) -> R + Send + 'static,
+    ) -> Result<R, ClientError> {
         let (out_tx, out_rx) = oneshot::channel();
         let read: ReadFn<S> = Box::new(move |sm| {
             let _ = out_tx.send(f(sm));
@@ -220,9 +221,10 @@ impl<S: StateMachine> Node<S> {
         if self.requests.send(Request::Read { read, fail: fail_tx }).await.is_err() {
             return Err(self.stopped_error());
         }
-        tokio::select! {
-            out = out_rx => out.map_err(|_| self.stopped_error()),
-            failed = fail_rx => match failed {
+        // The read's closure is dropped unrun only after its failure was sent.
+        match out_rx.await {
+            Ok(out) => Ok(out),
+            Err(_) => match fail_rx.await {
                 Ok(Err(e)) => Err(e),
                 _ => Err(self.stopped_error()),
             },
@@ -370,7 +372,8 @@ impl<S: StateMachine> Runner<S> {
         match r {
             Request::Propose { data, reply } => match self.raft.propose(data) {
                 Ok(p) => {
-                    self.proposals.insert(p.index, PendingProposal { term: p.term, waiter: Waiter::Command(reply) });
+                    self.proposals
+                        .insert(p.index, PendingProposal { term: p.term, waiter: Waiter::Command(reply) });
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
@@ -390,7 +393,8 @@ impl<S: StateMachine> Runner<S> {
             }
             Request::ChangeMembership { change, reply } => match self.raft.propose_conf_change(change) {
                 Ok(p) => {
-                    self.proposals.insert(p.index, PendingProposal { term: p.term, waiter: Waiter::Conf(reply) });
+                    self.proposals
+                        .insert(p.index, PendingProposal { term: p.term, waiter: Waiter::Conf(reply) });
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
@@ -460,7 +464,8 @@ impl<S: StateMachine> Runner<S> {
 
     fn serve_reads(&mut self) {
         let applied = self.applied;
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_reads).into_iter().partition(|(i, _)| *i <= applied);
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiting_reads).into_iter().partition(|(i, _)| *i <= applied);
         self.waiting_reads = waiting;
         for (_, r) in ready {
             (r.read)(&self.sm);

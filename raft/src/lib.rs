@@ -28,10 +28,12 @@ mod config;
 mod disk;
 pub mod driver;
 pub mod kv;
+pub mod kv_service;
 mod log;
 mod message;
 mod raft;
 mod tracker;
+pub mod transport;
 mod types;
 
 #[cfg(test)]

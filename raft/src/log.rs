@@ -127,7 +127,12 @@ impl RaftLog {
     /// Follower side of AppendEntries (Raft §5.3): if the log matches at `prev`, drop any
     /// conflicting suffix, append what is new, and return the last index the leader's
     /// message vouches for.
-    pub(crate) fn maybe_append(&mut self, prev_index: Index, prev_term: Term, entries: Vec<Entry>) -> Option<Index> {
+    pub(crate) fn maybe_append(
+        &mut self,
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+    ) -> Option<Index> {
         if !self.match_term(prev_index, prev_term) {
             return None;
         }
@@ -218,11 +223,6 @@ impl RaftLog {
 
     /// Bytes of uncommitted entries (the leader's proposal bound).
     pub(crate) fn uncommitted_bytes(&self) -> u64 {
-        self.entries
-            .iter()
-            .rev()
-            .take_while(|e| e.index > self.committed)
-            .map(Entry::size_bytes)
-            .sum()
+        self.entries.iter().rev().take_while(|e| e.index > self.committed).map(Entry::size_bytes).sum()
     }
 }

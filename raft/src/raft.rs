@@ -259,7 +259,11 @@ impl Raft {
             pending_conf_index: Index(0),
             incoming_snapshot: None,
             installed_snapshot: None,
-            prev_hard: HardState { term: restored.hard_state.term, vote: restored.hard_state.vote, commit: log.committed },
+            prev_hard: HardState {
+                term: restored.hard_state.term,
+                vote: restored.hard_state.vote,
+                commit: log.committed,
+            },
             prev_soft: soft,
             log,
             cfg,
@@ -352,7 +356,11 @@ impl Raft {
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if self.promotable() && self.election_elapsed >= self.randomized_election_ticks {
             self.election_elapsed = 0;
-            let kind = if self.cfg.pre_vote { CampaignKind::PreElection } else { CampaignKind::Election { transfer: false } };
+            let kind = if self.cfg.pre_vote {
+                CampaignKind::PreElection
+            } else {
+                CampaignKind::Election { transfer: false }
+            };
             self.campaign(kind);
         }
     }
@@ -529,8 +537,9 @@ impl Raft {
             match &m.body {
                 MessageBody::PreVote { .. } | MessageBody::Vote { .. } => {
                     let transfer = matches!(m.body, MessageBody::Vote { transfer: true, .. });
-                    let in_lease =
-                        self.cfg.check_quorum && self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks;
+                    let in_lease = self.cfg.check_quorum
+                        && self.leader.is_some()
+                        && self.election_elapsed < self.cfg.election_ticks;
                     if in_lease && !transfer {
                         // Raft thesis §4.2.3: a node that hears from a live leader ignores
                         // disruptive candidates.
@@ -568,7 +577,9 @@ impl Raft {
             MessageBody::Vote { last_index, last_term, .. } => {
                 self.handle_vote_request(m.from, m.term, last_index, last_term, false)
             }
-            MessageBody::PreVoteResp { reject } if self.role == Role::PreCandidate => self.poll(m.from, !reject),
+            MessageBody::PreVoteResp { reject } if self.role == Role::PreCandidate => {
+                self.poll(m.from, !reject)
+            }
             MessageBody::VoteResp { reject } if self.role == Role::Candidate => self.poll(m.from, !reject),
             MessageBody::PreVoteResp { .. } | MessageBody::VoteResp { .. } => {}
             MessageBody::Append { prev_index, prev_term, entries, commit } => {
@@ -587,11 +598,15 @@ impl Raft {
             MessageBody::AppendResp { index, reject } if self.role == Role::Leader => {
                 self.handle_append_resp(m.from, index, reject)
             }
-            MessageBody::HeartbeatResp { ctx } if self.role == Role::Leader => self.handle_heartbeat_resp(m.from, ctx),
+            MessageBody::HeartbeatResp { ctx } if self.role == Role::Leader => {
+                self.handle_heartbeat_resp(m.from, ctx)
+            }
             MessageBody::SnapshotResp { index, next_offset } if self.role == Role::Leader => {
                 self.handle_snapshot_resp(m.from, index, next_offset)
             }
-            MessageBody::AppendResp { .. } | MessageBody::HeartbeatResp { .. } | MessageBody::SnapshotResp { .. } => {}
+            MessageBody::AppendResp { .. }
+            | MessageBody::HeartbeatResp { .. }
+            | MessageBody::SnapshotResp { .. } => {}
             MessageBody::TimeoutNow => {
                 if self.promotable() {
                     self.campaign(CampaignKind::Election { transfer: true });
@@ -623,7 +638,9 @@ impl Raft {
                     return Err(StepError::Malformed(format!("snapshot {}@{}", meta.index, meta.term)));
                 }
                 if offset.saturating_add(data.len() as u64) > max_snapshot_bytes {
-                    return Err(StepError::Malformed(format!("snapshot larger than {max_snapshot_bytes} bytes")));
+                    return Err(StepError::Malformed(format!(
+                        "snapshot larger than {max_snapshot_bytes} bytes"
+                    )));
                 }
             }
             _ => {}
@@ -639,12 +656,25 @@ impl Raft {
         self.election_elapsed = 0;
     }
 
-    fn handle_vote_request(&mut self, from: NodeId, term: Term, last_index: Index, last_term: Term, pre: bool) {
-        let can_vote = self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none()) || (pre && term > self.term);
+    fn handle_vote_request(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        last_index: Index,
+        last_term: Term,
+        pre: bool,
+    ) {
+        let can_vote = self.vote == Some(from)
+            || (self.vote.is_none() && self.leader.is_none())
+            || (pre && term > self.term);
         let granted = can_vote && self.log.is_up_to_date(last_index, last_term);
         // A granted PreVote answers in the asked-for term so the candidate counts it.
         let reply_term = if granted { term } else { self.term };
-        let body = if pre { MessageBody::PreVoteResp { reject: !granted } } else { MessageBody::VoteResp { reject: !granted } };
+        let body = if pre {
+            MessageBody::PreVoteResp { reject: !granted }
+        } else {
+            MessageBody::VoteResp { reject: !granted }
+        };
         self.msgs.push(Message { from: self.id, to: from, term: reply_term, body });
         if granted && !pre {
             self.election_elapsed = 0;
@@ -740,8 +770,11 @@ impl Raft {
         pr.recent_active = true;
         if let Some(hint) = reject {
             // Fast backtracking: skip every entry of a term the follower cannot match.
-            let next_probe =
-                if hint.term.0 > 0 { self.log.find_conflict_by_term(hint.index, hint.term).0 } else { hint.index };
+            let next_probe = if hint.term.0 > 0 {
+                self.log.find_conflict_by_term(hint.index, hint.term).0
+            } else {
+                hint.index
+            };
             if pr.maybe_decr_to(index, next_probe) {
                 self.send_append_all(from, true);
             }
@@ -765,7 +798,9 @@ impl Raft {
             } else {
                 self.send_append_all(from, false);
             }
-            if self.transferee == Some(from) && self.tracker.progress.get(&from).is_some_and(|p| p.matched == last_index) {
+            if self.transferee == Some(from)
+                && self.tracker.progress.get(&from).is_some_and(|p| p.matched == last_index)
+            {
                 self.send(from, MessageBody::TimeoutNow);
             }
         } else if pr.state == ProgressState::Replicate {
@@ -835,7 +870,8 @@ impl Raft {
             return;
         }
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        let voters: Vec<NodeId> = self.tracker.conf.voters.iter().copied().filter(|id| *id != self.id).collect();
+        let voters: Vec<NodeId> =
+            self.tracker.conf.voters.iter().copied().filter(|id| *id != self.id).collect();
         for to in voters {
             let body = match kind {
                 CampaignKind::PreElection => MessageBody::PreVote { last_index, last_term },
@@ -873,7 +909,8 @@ impl Raft {
         self.leader = None;
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
-        self.randomized_election_ticks = self.cfg.election_ticks + self.rng.gen_range(0..self.cfg.election_ticks);
+        self.randomized_election_ticks =
+            self.cfg.election_ticks + self.rng.gen_range(0..self.cfg.election_ticks);
         self.votes.clear();
         self.transferee = None;
         self.reads.clear();
@@ -1005,7 +1042,10 @@ impl Raft {
         let end = (start + self.cfg.snapshot_chunk_bytes as usize).min(data.len());
         let chunk = data.slice(start..end);
         let meta = self.log.snapshot.clone();
-        self.send(to, MessageBody::Snapshot { meta, offset: start as u64, data: chunk, done: end == data.len() });
+        self.send(
+            to,
+            MessageBody::Snapshot { meta, offset: start as u64, data: chunk, done: end == data.len() },
+        );
     }
 
     /// Advances the commit index to what a quorum holds; true if it moved.

@@ -170,7 +170,8 @@ pub(crate) struct ProgressTracker {
 
 impl ProgressTracker {
     pub(crate) fn new(conf: ConfState, max_msgs: usize, max_bytes: u64) -> ProgressTracker {
-        let mut t = ProgressTracker { conf: ConfState::default(), progress: BTreeMap::new(), max_msgs, max_bytes };
+        let mut t =
+            ProgressTracker { conf: ConfState::default(), progress: BTreeMap::new(), max_msgs, max_bytes };
         t.set_conf(conf, Index(1));
         t
     }
@@ -205,12 +206,8 @@ impl ProgressTracker {
 
     /// The highest index a majority of voters hold (Raft §5.3/§5.4).
     pub(crate) fn committed_index(&self) -> Index {
-        let mut matched: Vec<Index> = self
-            .conf
-            .voters
-            .iter()
-            .map(|id| self.progress.get(id).map_or(Index(0), |p| p.matched))
-            .collect();
+        let mut matched: Vec<Index> =
+            self.conf.voters.iter().map(|id| self.progress.get(id).map_or(Index(0), |p| p.matched)).collect();
         if matched.is_empty() {
             return Index(0);
         }

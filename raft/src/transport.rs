@@ -49,9 +49,9 @@
 
 use crate::message::{Message, MessageBody, RejectHint};
 use crate::types::{ConfState, Entry, EntryPayload, Index, NodeId, SnapshotMeta, Term};
+use prost::Message as _;
 use proto::raft_transport_client::RaftTransportClient;
 use proto::raft_transport_server::{RaftTransport, RaftTransportServer};
-use prost::Message as _;
 use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -244,7 +244,10 @@ impl TryFrom<proto::ConfState> for ConfState {
     type Error = String;
 
     fn try_from(wire: proto::ConfState) -> Result<ConfState, String> {
-        let conf = ConfState { voters: node_set(wire.voters, "voter")?, learners: node_set(wire.learners, "learner")? };
+        let conf = ConfState {
+            voters: node_set(wire.voters, "voter")?,
+            learners: node_set(wire.learners, "learner")?,
+        };
         match conf.voters.intersection(&conf.learners).next() {
             Some(id) => Err(format!("{id} is both a voter and a learner")),
             None => Ok(conf),
@@ -657,7 +660,8 @@ impl Inbound {
         let group = wire.group;
         let msg = Message::try_from(wire)
             .map_err(|e| Status::invalid_argument(format!("malformed message for group {group}: {e}")))?;
-        let inbox = self.router.inbox(group).ok_or_else(|| Status::not_found(format!("unknown group {group}")))?;
+        let inbox =
+            self.router.inbox(group).ok_or_else(|| Status::not_found(format!("unknown group {group}")))?;
         inbox.send(msg).await.map_err(|_| Status::unavailable(format!("group {group} is shutting down")))
     }
 }
@@ -687,7 +691,10 @@ impl RaftTransport for Inbound {
         }
     }
 
-    async fn send_one(&self, request: Request<proto::RaftMessage>) -> Result<Response<proto::SendAck>, Status> {
+    async fn send_one(
+        &self,
+        request: Request<proto::RaftMessage>,
+    ) -> Result<Response<proto::SendAck>, Status> {
         self.deliver(request.into_inner()).await?;
         Ok(Response::new(proto::SendAck { received: 1 }))
     }
@@ -741,19 +748,24 @@ mod tests {
         let index = || any::<u64>().prop_map(Index);
         let term = || any::<u64>().prop_map(Term);
         prop_oneof![
-            (index(), term()).prop_map(|(last_index, last_term)| MessageBody::PreVote { last_index, last_term }),
+            (index(), term())
+                .prop_map(|(last_index, last_term)| MessageBody::PreVote { last_index, last_term }),
             any::<bool>().prop_map(|reject| MessageBody::PreVoteResp { reject }),
-            (index(), term(), any::<bool>())
-                .prop_map(|(last_index, last_term, transfer)| MessageBody::Vote { last_index, last_term, transfer }),
-            any::<bool>().prop_map(|reject| MessageBody::VoteResp { reject }),
-            (index(), term(), vec(entry(), 0..4), index()).prop_map(|(prev_index, prev_term, entries, commit)| {
-                MessageBody::Append { prev_index, prev_term, entries, commit }
+            (index(), term(), any::<bool>()).prop_map(|(last_index, last_term, transfer)| {
+                MessageBody::Vote { last_index, last_term, transfer }
             }),
-            (index(), proptest::option::of((index(), term())))
-                .prop_map(|(index, hint)| MessageBody::AppendResp {
+            any::<bool>().prop_map(|reject| MessageBody::VoteResp { reject }),
+            (index(), term(), vec(entry(), 0..4), index()).prop_map(
+                |(prev_index, prev_term, entries, commit)| {
+                    MessageBody::Append { prev_index, prev_term, entries, commit }
+                }
+            ),
+            (index(), proptest::option::of((index(), term()))).prop_map(|(index, hint)| {
+                MessageBody::AppendResp {
                     index,
                     reject: hint.map(|(index, term)| RejectHint { index, term }),
-                }),
+                }
+            }),
             (index(), any::<u64>()).prop_map(|(commit, ctx)| MessageBody::Heartbeat { commit, ctx }),
             any::<u64>().prop_map(|ctx| MessageBody::HeartbeatResp { ctx }),
             (index(), term(), conf_state(), any::<u64>(), data(), any::<bool>()).prop_map(
@@ -764,7 +776,8 @@ mod tests {
                     done,
                 }
             ),
-            (index(), any::<u64>()).prop_map(|(index, next_offset)| MessageBody::SnapshotResp { index, next_offset }),
+            (index(), any::<u64>())
+                .prop_map(|(index, next_offset)| MessageBody::SnapshotResp { index, next_offset }),
             Just(MessageBody::TimeoutNow),
         ]
     }
@@ -796,7 +809,11 @@ mod tests {
         let entries = vec![
             Entry { term: Term(2), index: Index(5), payload: EntryPayload::Noop },
             Entry { term: Term(2), index: Index(6), payload: EntryPayload::Normal(Bytes::new()) },
-            Entry { term: Term(2), index: Index(7), payload: EntryPayload::Normal(Bytes::from_static(b"put x 1")) },
+            Entry {
+                term: Term(2),
+                index: Index(7),
+                payload: EntryPayload::Normal(Bytes::from_static(b"put x 1")),
+            },
             Entry { term: Term(2), index: Index(8), payload: EntryPayload::Config(conf.clone()) },
         ];
         let bodies = vec![
@@ -806,7 +823,10 @@ mod tests {
             MessageBody::VoteResp { reject: false },
             MessageBody::Append { prev_index: Index(4), prev_term: Term(1), entries, commit: Index(3) },
             MessageBody::AppendResp { index: Index(8), reject: None },
-            MessageBody::AppendResp { index: Index(9), reject: Some(RejectHint { index: Index(6), term: Term(1) }) },
+            MessageBody::AppendResp {
+                index: Index(9),
+                reject: Some(RejectHint { index: Index(6), term: Term(1) }),
+            },
             MessageBody::Heartbeat { commit: Index(8), ctx: 0 },
             MessageBody::HeartbeatResp { ctx: 17 },
             MessageBody::Snapshot {
@@ -824,7 +844,10 @@ mod tests {
             MessageBody::SnapshotResp { index: Index(8), next_offset: 5 },
             MessageBody::TimeoutNow,
         ];
-        bodies.into_iter().map(|body| Message { from: NodeId(1), to: NodeId(2), term: Term(2), body }).collect()
+        bodies
+            .into_iter()
+            .map(|body| Message { from: NodeId(1), to: NodeId(2), term: Term(2), body })
+            .collect()
     }
 
     #[test]
@@ -835,7 +858,12 @@ mod tests {
     }
 
     fn heartbeat(ctx: u64) -> Message {
-        Message { from: NodeId(1), to: NodeId(2), term: Term(1), body: MessageBody::Heartbeat { commit: Index(0), ctx } }
+        Message {
+            from: NodeId(1),
+            to: NodeId(2),
+            term: Term(1),
+            body: MessageBody::Heartbeat { commit: Index(0), ctx },
+        }
     }
 
     fn wire(msg: &Message, group: u64) -> proto::RaftMessage {
@@ -937,7 +965,10 @@ mod tests {
     }
 
     async fn next(messages: &mut mpsc::Receiver<Message>) -> Message {
-        tokio::time::timeout(DEADLINE, messages.recv()).await.expect("no message in time").expect("inbox closed")
+        tokio::time::timeout(DEADLINE, messages.recv())
+            .await
+            .expect("no message in time")
+            .expect("inbox closed")
     }
 
     async fn eventually<F: Future<Output = bool>>(mut condition: impl FnMut() -> F) {
@@ -968,7 +999,10 @@ mod tests {
             assert_eq!(&next(&mut messages).await, msg);
         }
         eventually(|| async { peer_stats(&transport).sent == sent.len() as u64 }).await;
-        assert_eq!(peer_stats(&transport), PeerStats { sent: sent.len() as u64, dropped: 0, refused: 0, connects: 1 });
+        assert_eq!(
+            peer_stats(&transport),
+            PeerStats { sent: sent.len() as u64, dropped: 0, refused: 0, connects: 1 }
+        );
 
         transport.send(Message { to: NodeId(9), ..heartbeat(0) });
         assert_eq!(transport.stats().unknown_peer, 1);
@@ -987,7 +1021,12 @@ mod tests {
             payload: EntryPayload::Normal(Bytes::from(vec![0; MAX_MESSAGE_BYTES])),
         };
         let oversized = Message {
-            body: MessageBody::Append { prev_index: Index(0), prev_term: Term(0), entries: vec![huge], commit: Index(0) },
+            body: MessageBody::Append {
+                prev_index: Index(0),
+                prev_term: Term(0),
+                entries: vec![huge],
+                commit: Index(0),
+            },
             ..heartbeat(0)
         };
         transport.send(heartbeat(1));
@@ -1015,7 +1054,13 @@ mod tests {
             transport.send(heartbeat(ctx));
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
-        eventually(|| async { peer_stats(&transport).dropped > 0 }).await;
+        // Wait until the link has let go of all four, so that none waits for the new receiver.
+        eventually(|| async {
+            let stats = peer_stats(&transport);
+            stats.sent + stats.dropped == 4
+        })
+        .await;
+        assert!(peer_stats(&transport).dropped > 0);
 
         // Back on the same port: the sender reconnects by itself.
         let _receiver = Receiver::start(addr, router);
@@ -1033,7 +1078,9 @@ mod tests {
         // Later messages follow in order on the new link.
         transport.send(heartbeat(1000));
         loop {
-            let MessageBody::Heartbeat { ctx: got, .. } = next(&mut messages).await.body else { unreachable!() };
+            let MessageBody::Heartbeat { ctx: got, .. } = next(&mut messages).await.body else {
+                unreachable!()
+            };
             if got == 1000 {
                 break;
             }
@@ -1059,7 +1106,10 @@ mod tests {
         // A single message that cannot be delivered fails its call, and says why.
         let no_body = proto::RaftMessage { body: None, ..wire(&heartbeat(4), GROUP) };
         assert_eq!(client.send_one(no_body).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-        assert_eq!(client.send_one(wire(&heartbeat(5), GROUP + 1)).await.unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(
+            client.send_one(wire(&heartbeat(5), GROUP + 1)).await.unwrap_err().code(),
+            tonic::Code::NotFound
+        );
         // A message over the bound is refused by the server's decoder, which ends only its own call.
         let oversized = Message {
             body: MessageBody::Snapshot {

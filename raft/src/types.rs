@@ -66,10 +66,7 @@ pub struct ConfState {
 impl ConfState {
     /// A configuration of the given voters and no learners.
     pub fn with_voters(voters: impl IntoIterator<Item = NodeId>) -> ConfState {
-        ConfState {
-            voters: voters.into_iter().collect(),
-            learners: BTreeSet::new(),
-        }
+        ConfState { voters: voters.into_iter().collect(), learners: BTreeSet::new() }
     }
 
     /// Whether `id` is a voter or a learner.

@@ -14,7 +14,7 @@ mod scenarios;
 
 use crate::kv::{KvCommand, KvOp, KvResult, KvStore};
 use crate::{
-    Config, ConfChange, ConfState, Entry, EntryPayload, HardState, Index, Message, MessageBody, NodeId,
+    ConfChange, ConfState, Config, Entry, EntryPayload, HardState, Index, Message, MessageBody, NodeId,
     ProposeError, Raft, Restored, Role, Snapshot, Term,
 };
 use checker::Checker;
@@ -549,7 +549,8 @@ impl Sim {
     }
 
     pub(crate) fn fail(&self, msg: &str) -> ! {
-        let tail: Vec<&String> = self.trace.iter().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: Vec<&String> =
+            self.trace.iter().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
         let tail: String = tail.iter().map(|l| format!("  {l}\n")).collect();
         let nodes: String = self
             .nodes
@@ -575,8 +576,17 @@ impl Sim {
     // ---- clients ----
 
     /// Proposes a raw command on `id` (for scenario tests); panics if it is not leader.
-    pub(crate) fn propose_on(&mut self, id: NodeId, key: &str, value: &str) -> Result<crate::Proposed, ProposeError> {
-        let cmd = KvCommand { client: 1_000_000, seq: self.next_ctx, op: KvOp::Put { key: key.into(), value: value.into() } };
+    pub(crate) fn propose_on(
+        &mut self,
+        id: NodeId,
+        key: &str,
+        value: &str,
+    ) -> Result<crate::Proposed, ProposeError> {
+        let cmd = KvCommand {
+            client: 1_000_000,
+            seq: self.next_ctx,
+            op: KvOp::Put { key: key.into(), value: value.into() },
+        };
         self.next_ctx += 1;
         let r = self.raft_mut(id).expect("node up").propose(bytes::Bytes::from(cmd.encode()));
         self.process_ready(id);
@@ -638,7 +648,8 @@ impl Sim {
             Some(l) if self.rng.gen_bool(0.9) => l,
             _ => ids[self.rng.gen_range(0..ids.len())],
         };
-        let use_read_index = matches!(p.cmd.op, KvOp::Get { .. }) && self.rng.gen_bool(self.cfg.read_index_share);
+        let use_read_index =
+            matches!(p.cmd.op, KvOp::Get { .. }) && self.rng.gen_bool(self.cfg.read_index_share);
         let cmd = p.cmd.clone();
         let ctx = self.next_ctx;
         self.next_ctx += 1;
@@ -653,8 +664,11 @@ impl Sim {
             let KvOp::Get { key } = &cmd.op else { unreachable!() };
             raft.read_index(ctx).map(|_| Attempt::Read { node: target, ctx, key: key.clone() })
         } else {
-            raft.propose(bytes::Bytes::from(cmd.encode()))
-                .map(|p| Attempt::Proposal { node: target, index: p.index, term: p.term })
+            raft.propose(bytes::Bytes::from(cmd.encode())).map(|p| Attempt::Proposal {
+                node: target,
+                index: p.index,
+                term: p.term,
+            })
         };
         let c = &mut self.clients[i];
         let p = c.pending.as_mut().unwrap();

@@ -87,6 +87,8 @@ fn randomized_seeds() {
         crashes += c;
         ops += o;
     }
-    eprintln!("randomized raft simulation: {seeds} seeds, {crashes} crashes, {ops} client operations checked");
+    eprintln!(
+        "randomized raft simulation: {seeds} seeds, {crashes} crashes, {ops} client operations checked"
+    );
     assert!(ops as u64 > seeds * 10, "clients made too little progress: {ops} ops over {seeds} seeds");
 }

@@ -122,7 +122,9 @@ fn partitioned_old_leader_rejoins() {
     });
     commit_puts(&mut sim, 5, "b");
     sim.heal();
-    sim.run_until(10 * ELECTION_MS, "the old leader follows", |s| s.raft(old).unwrap().role() == Role::Follower);
+    sim.run_until(10 * ELECTION_MS, "the old leader follows", |s| {
+        s.raft(old).unwrap().role() == Role::Follower
+    });
     sim.converge(5000);
     let new = sim.leader().unwrap();
     assert_ne!(new, old);
@@ -283,7 +285,9 @@ fn snapshot_to_lagging_follower() {
     sim.isolate(lagger);
     commit_puts(&mut sim, 60, "x");
     let leader = sim.leader().unwrap();
-    assert!(sim.raft(leader).unwrap().snapshot_meta().index > sim.raft(lagger).unwrap().raft_log().last_index());
+    assert!(
+        sim.raft(leader).unwrap().snapshot_meta().index > sim.raft(lagger).unwrap().raft_log().last_index()
+    );
     let chunks_before = sim.delivered_kinds.get("Snapshot").copied().unwrap_or(0);
     sim.heal();
     sim.converge(20 * ELECTION_MS);
@@ -325,9 +329,12 @@ fn membership_add_remove_under_load() {
     sim.run_until(20 * ELECTION_MS, "the learner catches up", |s| {
         let l = s.leader();
         l.is_some_and(|l| {
-            s.raft(l).unwrap().status().peers.iter().any(|p| {
-                p.id == NodeId(4) && p.learner && p.state == ProgressState::Replicate
-            })
+            s.raft(l)
+                .unwrap()
+                .status()
+                .peers
+                .iter()
+                .any(|p| p.id == NodeId(4) && p.learner && p.state == ProgressState::Replicate)
         })
     });
     change(&mut sim, ConfChange::Promote(NodeId(4)));

@@ -144,7 +144,11 @@ impl Progress {
         }
         self.state = ProgressState::Probe;
         self.inflights.reset();
-        self.next = next_probe.min(rejected).next().max(self.matched.next());
+        self.next = next_probe.min(rejected).next();
+        // A follower whose log lost acknowledged entries (a corrupt tail cut at restart)
+        // answers the current probe from below its old match: believe it and resend.
+        // Lowering `matched` never un-commits anything; it only costs a resend.
+        self.matched = self.matched.min(self.next.prev());
         self.probe_sent = false;
         true
     }

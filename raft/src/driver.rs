@@ -22,7 +22,12 @@ pub trait StateMachine: Send + 'static {
     /// Applies one committed command and returns the caller's answer. Called once per
     /// index, in index order.
     fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8>;
-    /// Serializes the state through the last applied index.
+    /// Serializes the state through the last applied index; the log up to there is then
+    /// dropped. A durable machine must make everything applied so far durable (fsync)
+    /// before returning, and may return a small manifest instead of its whole state, as
+    /// long as `restore` on another replica can rebuild the state from it (for example by
+    /// fetching files from a peer; replaying the entries after the manifest's index must
+    /// then be harmless, as overwrites are).
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the state with a snapshot's, taken through `index`.
     fn restore(&mut self, index: Index, snapshot: &[u8]) -> Result<(), String>;

@@ -17,9 +17,6 @@ pub struct Config {
     /// A leader steps down when it has not heard from a majority within an election timeout,
     /// and voters ignore vote requests while they follow a live leader (Raft thesis §6.2).
     pub check_quorum: bool,
-    /// Serve ReadIndex from the leader's lease without a heartbeat round (needs `check_quorum`
-    /// and bounded clock drift; off by default).
-    pub lease_read: bool,
     /// Most entry bytes in one Append message.
     pub max_msg_bytes: u64,
     /// Most Append messages in flight to one follower (pipelining window).
@@ -47,7 +44,6 @@ impl Config {
             heartbeat_ticks: 1,
             pre_vote: true,
             check_quorum: true,
-            lease_read: false,
             max_msg_bytes: 1 << 20,
             max_inflight_msgs: 256,
             max_inflight_bytes: 32 << 20,
@@ -69,9 +65,6 @@ impl Config {
         }
         if self.max_inflight_msgs == 0 || self.max_msg_bytes == 0 || self.snapshot_chunk_bytes == 0 {
             return Err("message and window bounds must be positive".into());
-        }
-        if self.lease_read && !self.check_quorum {
-            return Err("lease_read needs check_quorum".into());
         }
         Ok(())
     }

@@ -473,7 +473,7 @@ impl Raft {
 
     fn start_read(&mut self, ctx: u64) {
         let index = self.log.committed;
-        if (self.tracker.quorum() == 1 && self.tracker.is_voter(self.id)) || self.cfg.lease_read {
+        if self.tracker.quorum() == 1 && self.tracker.is_voter(self.id) {
             self.read_states.push(ReadState { ctx, index });
             return;
         }
@@ -693,9 +693,6 @@ impl Raft {
         if prev_index < self.log.committed {
             self.send(from, MessageBody::AppendResp { index: self.log.committed, reject: None });
             return Ok(());
-        }
-        if let Some(conflict) = entries.iter().find(|e| e.index <= self.log.committed) {
-            return Err(StepError::Malformed(format!("append rewrites committed entry {}", conflict.index)));
         }
         match self.log.maybe_append(prev_index, prev_term, entries) {
             Some(last_new) => {
@@ -1148,5 +1145,125 @@ impl Raft {
     /// The in-memory log, for the simulator's checkers.
     pub(crate) fn raft_log(&self) -> &RaftLog {
         &self.log
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follower() -> Raft {
+        let conf = ConfState::with_voters([NodeId(1), NodeId(2), NodeId(3)]);
+        let mut r = Raft::new(Config::new(NodeId(1)), Restored::bootstrap(conf)).unwrap();
+        let rd = r.ready();
+        r.advance(&rd);
+        r
+    }
+
+    fn msg(from: u64, term: u64, body: MessageBody) -> Message {
+        Message { from: NodeId(from), to: NodeId(1), term: Term(term), body }
+    }
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            term: Term(term),
+            index: Index(index),
+            payload: EntryPayload::Normal(Bytes::from_static(b"x")),
+        }
+    }
+
+    fn append(prev: (u64, u64), entries: Vec<Entry>, commit: u64) -> MessageBody {
+        MessageBody::Append {
+            prev_index: Index(prev.0),
+            prev_term: Term(prev.1),
+            entries,
+            commit: Index(commit),
+        }
+    }
+
+    #[test]
+    fn misaddressed_messages_are_refused() {
+        let mut r = follower();
+        let mut m = msg(2, 2, MessageBody::TimeoutNow);
+        m.to = NodeId(7);
+        assert!(matches!(r.step(m), Err(StepError::Misaddressed(_))));
+        assert!(matches!(r.step(msg(0, 2, MessageBody::TimeoutNow)), Err(StepError::Misaddressed(_))));
+        assert!(matches!(r.step(msg(1, 2, MessageBody::TimeoutNow)), Err(StepError::Misaddressed(_))));
+        assert_eq!(r.term(), Term(1), "a refused message changes nothing");
+    }
+
+    #[test]
+    fn malformed_appends_are_refused_and_change_nothing() {
+        let mut r = follower();
+        // A gap in the numbering.
+        let gap = append((1, 1), vec![entry(2, 2), entry(2, 4)], 0);
+        assert!(matches!(r.step(msg(2, 2, gap)), Err(StepError::Malformed(_))));
+        // An entry from a term newer than the message's.
+        let future = append((1, 1), vec![entry(5, 2)], 0);
+        assert!(matches!(r.step(msg(2, 2, future)), Err(StepError::Malformed(_))));
+        // Terms going backwards.
+        let backwards = append((1, 1), vec![entry(2, 2), entry(1, 3)], 0);
+        assert!(matches!(r.step(msg(2, 2, backwards)), Err(StepError::Malformed(_))));
+        assert_eq!(r.status().last_index, Index(1));
+        // A good one still works afterwards.
+        r.step(msg(2, 2, append((1, 1), vec![entry(2, 2)], 2))).unwrap();
+        assert_eq!(r.status().last_index, Index(2));
+        assert_eq!(r.commit_index(), Index(2));
+        // An append that would rewrite a committed entry is answered with the commit index
+        // and changes nothing.
+        r.step(msg(3, 3, append((1, 1), vec![entry(3, 2)], 2))).unwrap();
+        assert_eq!(r.raft_log().entry(Index(2)).unwrap().term, Term(2));
+        let rd = r.ready();
+        assert!(rd
+            .messages
+            .iter()
+            .any(|m| m.body == MessageBody::AppendResp { index: Index(2), reject: None }));
+    }
+
+    #[test]
+    fn oversized_snapshot_is_refused() {
+        let mut cfg = Config::new(NodeId(1));
+        cfg.max_snapshot_bytes = 16;
+        let conf = ConfState::with_voters([NodeId(1), NodeId(2), NodeId(3)]);
+        let mut r = Raft::new(cfg, Restored::bootstrap(conf.clone())).unwrap();
+        let body = MessageBody::Snapshot {
+            meta: SnapshotMeta { index: Index(10), term: Term(2), conf },
+            offset: 8,
+            data: Bytes::from(vec![0; 9]),
+            done: true,
+        };
+        assert!(matches!(r.step(msg(2, 2, body)), Err(StepError::Malformed(_))));
+        assert_eq!(r.status().last_index, Index(1));
+    }
+
+    // Raft §5.1: a message from an older term is ignored; an old leader is told the term.
+    #[test]
+    fn older_term_is_ignored_and_answered_with_the_current_term() {
+        let mut r = follower();
+        r.step(msg(2, 5, append((1, 1), vec![], 1))).unwrap();
+        let rd = r.ready();
+        r.advance(&rd);
+        r.step(msg(3, 4, append((1, 1), vec![entry(4, 2)], 1))).unwrap();
+        assert_eq!(r.status().last_index, Index(1), "the stale leader's entry is not taken");
+        let rd = r.ready();
+        let reply = rd.messages.iter().find(|m| m.to == NodeId(3)).expect("a reply to the stale leader");
+        assert_eq!(reply.term, Term(5));
+    }
+
+    #[test]
+    fn replies_from_unknown_nodes_are_ignored() {
+        let conf = ConfState::with_voters([NodeId(1)]);
+        let mut r = Raft::new(Config::new(NodeId(1)), Restored::bootstrap(conf)).unwrap();
+        let rd = r.ready();
+        r.advance(&rd);
+        for _ in 0..30 {
+            r.tick();
+        }
+        assert_eq!(r.role(), Role::Leader);
+        let term = r.term().0;
+        r.step(msg(9, term, MessageBody::AppendResp { index: Index(100), reject: None })).unwrap();
+        r.step(msg(9, term, MessageBody::HeartbeatResp { ctx: 3 })).unwrap();
+        assert_eq!(r.role(), Role::Leader);
+        assert!(r.commit_index() < Index(100));
     }
 }

@@ -33,6 +33,8 @@ const CLIENTS_MAX: usize = 4096;
 const VALUE_BYTES_MAX: usize = 1 << 20;
 /// How long one put may take (retries included) before it counts as an error.
 const PUT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long to look for etcd's leader.
+const LEADER_WAIT: Duration = Duration::from_secs(15);
 /// Latencies above this are clamped into the histogram's top bucket.
 const LATENCY_US_MAX: u64 = 60_000_000;
 
@@ -162,25 +164,28 @@ async fn etcd_channel(url: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("connect to etcd at {url}"))
 }
 
-/// The client URL of the etcd member that leads, asking each member in turn.
+/// The client URL of the etcd member that leads, asking each member in turn until one
+/// says so or `LEADER_WAIT` has passed (a cluster that was just started may still elect).
 async fn etcd_leader(urls: &[String]) -> anyhow::Result<String> {
-    for url in urls {
-        let status = match etcd_channel(url).await {
-            Ok(channel) => etcd::status(&channel).await,
-            Err(e) => {
-                eprintln!("raft-bench: {e:#}");
-                continue;
+    let start = Instant::now();
+    let mut last_error = String::from("no member leads");
+    while start.elapsed() < LEADER_WAIT {
+        for url in urls {
+            let status = match etcd_channel(url).await {
+                Ok(channel) => etcd::status(&channel).await.map_err(|e| e.message().to_string()),
+                Err(e) => Err(format!("{e:#}")),
+            };
+            match status {
+                Ok(s) if s.leader != 0 && s.header.as_ref().is_some_and(|h| h.member_id == s.leader) => {
+                    return Ok(url.clone());
+                }
+                Ok(_) => {}
+                Err(e) => last_error = format!("{url}: {e}"),
             }
-        };
-        match status {
-            Ok(s) if s.leader != 0 && s.header.as_ref().is_some_and(|h| h.member_id == s.leader) => {
-                return Ok(url.clone());
-            }
-            Ok(_) => {}
-            Err(e) => eprintln!("raft-bench: etcd status of {url}: {}", e.message()),
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    bail!("no etcd member among {urls:?} says it leads")
+    bail!("no etcd member among {urls:?} led within {LEADER_WAIT:?} (last: {last_error})")
 }
 
 /// One load-generating client.

@@ -399,7 +399,7 @@ impl Budget {
             return false;
         }
         self.steps_left -= 1;
-        if steps % CLOCK_CHECK_STEPS != 0 {
+        if !steps.is_multiple_of(CLOCK_CHECK_STEPS) {
             return true;
         }
         let late = self.deadline.is_some_and(|deadline| Instant::now() >= deadline);
@@ -541,7 +541,7 @@ impl<'a> Search<'a> {
         };
         let ret = self.ops[read].ret.expect("reads have returned");
         let base = self.model.value(self.state);
-        base.map_or(true, |base| seen.starts_with(base))
+        base.is_none_or(|base| seen.starts_with(base))
             || (self.puts.range(..=(ret, usize::MAX))).any(|&(_, put)| match &self.ops[put].action {
                 Action::Put(value) => seen.starts_with(value.as_str()),
                 _ => unreachable!("operation {put} is not a put"),

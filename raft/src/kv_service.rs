@@ -117,7 +117,10 @@ pub async fn serve_on(cfg: ServerConfig, listener: tokio::net::TcpListener) -> a
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        )
         .await?;
     Ok(())
 }

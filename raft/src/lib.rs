@@ -24,6 +24,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod cluster;
 mod config;
 mod disk;
 pub mod driver;

@@ -64,18 +64,8 @@ struct Args {
     json: bool,
 }
 
-/// Parses `1=host:port,2=host:port`.
 fn parse_cluster(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (id, addr) =
-            part.split_once('=').with_context(|| format!("expected ID=HOST:PORT, got {part:?}"))?;
-        let id: u64 = id.trim().parse().with_context(|| format!("bad node id {id:?}"))?;
-        ensure!(id != 0, "node id 0 is reserved");
-        out.insert(NodeId(id), addr.trim().to_string());
-    }
-    ensure!(!out.is_empty(), "no nodes given");
-    Ok(out)
+    raft::cluster::parse_cluster(s).map_err(anyhow::Error::msg)
 }
 
 /// The two calls of etcd's v3 gRPC API the benchmark needs, written out by hand with

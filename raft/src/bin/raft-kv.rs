@@ -9,7 +9,7 @@
 //! raft-kv serve --id 1 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data DIR
 //! ```
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use raft::kv_service::{serve, KvClient, ServerConfig};
 use raft::NodeId;
@@ -43,7 +43,7 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         tick_ms: u64,
         /// Snapshot after this many applied entries.
-        #[arg(long, default_value_t = 10_000)]
+        #[arg(long, default_value_t = 100_000)]
         snapshot_entries: u64,
     },
     /// Run a local 3-node cluster with its data under DIR, until Ctrl-C.
@@ -81,22 +81,8 @@ enum Command {
     },
 }
 
-/// Parses `1=host:port,2=host:port`.
 fn parse_cluster(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (id, addr) =
-            part.split_once('=').with_context(|| format!("expected ID=HOST:PORT, got {part:?}"))?;
-        let id: u64 = id.trim().parse().with_context(|| format!("bad node id {id:?}"))?;
-        if id == 0 {
-            bail!("node id 0 is reserved");
-        }
-        out.insert(NodeId(id), addr.trim().to_string());
-    }
-    if out.is_empty() {
-        bail!("no nodes given");
-    }
-    Ok(out)
+    raft::cluster::parse_cluster(s).map_err(anyhow::Error::msg)
 }
 
 #[tokio::main]

@@ -1,0 +1,77 @@
+//! Two clients on one disk, coherent through the lock service.
+
+mod common;
+
+use common::Cluster;
+use frangipani::{Caller, RenameFlags, ROOT_INO};
+use std::sync::Arc;
+
+const ME: Caller = Caller { uid: 0, gid: 0 };
+
+#[test]
+fn a_write_on_one_client_is_read_on_the_other() {
+    let cl = Cluster::new();
+    let (a, b) = (cl.client(1), cl.client(2));
+    let f = a.fs.create(ROOT_INO, b"shared", 0o644, 0, ME).unwrap().ino;
+    a.fs.write(f, 0, b"from a").unwrap();
+    assert_eq!(b.fs.lookup(ROOT_INO, b"shared").unwrap().ino, f);
+    assert_eq!(b.fs.read(f, 0, 100).unwrap(), b"from a");
+    b.fs.write(f, 5, b"b, too").unwrap();
+    assert_eq!(a.fs.read(f, 0, 100).unwrap(), b"from b, too");
+    assert_eq!(a.fs.getattr(f).unwrap().size, 11);
+    // Big data across the large block.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    a.fs.write(f, 0, &big).unwrap();
+    assert_eq!(b.fs.read(f, 0, 400_000).unwrap(), big);
+}
+
+#[test]
+fn a_rename_on_one_client_is_seen_by_lookup_on_the_other() {
+    let cl = Cluster::new();
+    let (a, b) = (cl.client(1), cl.client(2));
+    let d = a.fs.mkdir(ROOT_INO, b"dir", 0o755, ME).unwrap().ino;
+    let f = a.fs.create(d, b"old", 0o644, 0, ME).unwrap().ino;
+    assert_eq!(b.fs.lookup(d, b"old").unwrap().ino, f);
+    a.fs.rename(d, b"old", ROOT_INO, b"new", RenameFlags::default()).unwrap();
+    assert_eq!(b.fs.lookup(d, b"old"), Err(frangipani::FsError::NotFound));
+    assert_eq!(b.fs.lookup(ROOT_INO, b"new").unwrap().ino, f);
+    b.fs.unlink(ROOT_INO, b"new").unwrap();
+    assert_eq!(a.fs.lookup(ROOT_INO, b"new"), Err(frangipani::FsError::NotFound));
+    assert!(a.fs.fsck(false).unwrap().is_clean());
+}
+
+#[test]
+fn both_clients_create_many_files_in_one_directory() {
+    let cl = Cluster::new();
+    let a = Arc::new(cl.client(1));
+    let b = Arc::new(cl.client(2));
+    let d = a.fs.mkdir(ROOT_INO, b"busy", 0o755, ME).unwrap().ino;
+    const N: usize = 300;
+    let workers: Vec<_> = [("a", a.clone()), ("b", b.clone())]
+        .into_iter()
+        .map(|(tag, c)| {
+            std::thread::spawn(move || {
+                for i in 0..N {
+                    let name = format!("{tag}-{i}");
+                    let f = c.fs.create(d, name.as_bytes(), 0o644, 0, ME).unwrap().ino;
+                    c.fs.write(f, 0, name.as_bytes()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let entries = b.fs.readdir(d, 0, 10_000).unwrap();
+    assert_eq!(entries.len(), 2 * N + 2);
+    for tag in ["a", "b"] {
+        for i in 0..N {
+            let name = format!("{tag}-{i}");
+            let f = a.fs.lookup(d, name.as_bytes()).unwrap().ino;
+            assert_eq!(a.fs.read(f, 0, 100).unwrap(), name.as_bytes());
+        }
+    }
+    let report = a.fs.fsck(false).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(a.fs.getattr(d).unwrap().size, 2 * N as u64);
+}

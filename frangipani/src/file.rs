@@ -339,7 +339,7 @@ impl Frangipani {
             }
             last
         };
-        if !last || !lock(&self.inner.orphans).contains(&ino) {
+        if !last {
             return Ok(());
         }
         let mut txn = Txn::new(&self.inner);
@@ -347,9 +347,9 @@ impl Frangipani {
         let mut inode = txn.read_inode(ino)?;
         if inode.in_use() && inode.nlink == 0 {
             self.free_inode(&mut txn, ino, &mut inode)?;
+            txn.remove_orphan(ino)?;
             txn.commit()?;
         }
-        lock(&self.inner.orphans).retain(|o| *o != ino);
         Ok(())
     }
 

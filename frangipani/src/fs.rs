@@ -51,8 +51,6 @@ pub(crate) struct Inner {
     lease_lost: AtomicBool,
     /// Open handles per inode on this client.
     pub(crate) open: Mutex<HashMap<u64, u32>>,
-    /// Inodes unlinked while open here: freed at last close.
-    pub(crate) orphans: Mutex<Vec<u64>>,
     /// Serializes write-backs (background, fsync, log reclaim, revocation), so a write-back
     /// never lands after a revocation has handed the lock to another client.
     writeback: Mutex<()>,
@@ -393,7 +391,6 @@ impl Frangipani {
             wal: Mutex::new(wal),
             lease_lost: AtomicBool::new(false),
             open: Mutex::new(HashMap::new()),
-            orphans: Mutex::new(Vec::new()),
             writeback: Mutex::new(()),
             pending_decommits: Mutex::new(BTreeSet::new()),
         });
@@ -406,7 +403,9 @@ impl Frangipani {
                 .spawn(move || background(inner, stop, config))
                 .map_err(|e| FsError::Io(format!("start flusher: {e}")))?
         };
-        Ok(Frangipani { inner, stop, flusher: Some(flusher) })
+        let fs = Frangipani { inner, stop, flusher: Some(flusher) };
+        fs.free_leftover_orphans()?;
+        Ok(fs)
     }
 
     /// The callbacks to hand to the lock service's clerk.

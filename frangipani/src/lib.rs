@@ -34,6 +34,7 @@ pub mod layout;
 pub mod locks;
 pub mod mkfs;
 pub mod namespace;
+mod orphans;
 pub mod recovery;
 pub mod sector;
 mod txn;

@@ -438,7 +438,7 @@ impl Frangipani {
             return self.free_inode(txn, ino, inode);
         }
         if inode.nlink == 0 {
-            lock(&self.inner.orphans).push(ino);
+            txn.add_orphan(ino)?;
         }
         txn.write_inode(ino, inode)
     }

@@ -85,7 +85,10 @@ impl<'a> Txn<'a> {
         if mode == Mode::Exclusive && self.fs.lease_lost() {
             return Err(FsError::LeaseLost);
         }
-        self.fs.locks.acquire(&name, mode)?;
+        // The client's own slot lock is held for as long as it is mounted.
+        if name != LockName::Slot(self.fs.slot) {
+            self.fs.locks.acquire(&name, mode)?;
+        }
         self.held.push((name, mode));
         Ok(())
     }
@@ -367,7 +370,9 @@ impl<'a> Txn<'a> {
 impl Drop for Txn<'_> {
     fn drop(&mut self) {
         for (name, mode) in self.held.drain(..).rev() {
-            self.fs.locks.release(&name, mode);
+            if name != LockName::Slot(self.fs.slot) {
+                self.fs.locks.release(&name, mode);
+            }
         }
     }
 }

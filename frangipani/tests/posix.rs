@@ -317,3 +317,37 @@ fn superblock_of_another_format_is_refused() {
         .unwrap();
     assert!(err.to_string().contains("not a frangipani"), "{err}");
 }
+
+#[test]
+fn an_open_unlinked_file_of_a_crashed_client_is_freed_by_the_next_owner_of_its_slot() {
+    let cl = Cluster::new();
+    let a = cl.client(1);
+    let free_before = a.fs.statfs().unwrap().inodes_free;
+    let f = file(&a, ROOT_INO, "doomed");
+    a.fs.open(f).unwrap();
+    a.fs.write(f, 0, &[9u8; 5000]).unwrap();
+    a.fs.unlink(ROOT_INO, b"doomed").unwrap();
+    a.fs.sync().unwrap();
+    // A dies with the file still open.
+    cl.locks.crash(&a.locks);
+    let a_id = a.locks.id();
+    a.fs.crash();
+    cl.locks.free_dead(a_id);
+    let again = cl.client(1);
+    assert_eq!(again.fs.getattr(f), Err(FsError::NotFound), "the orphan was freed at mount");
+    assert_eq!(again.fs.statfs().unwrap().inodes_free, free_before);
+    let report = again.fs.fsck(false).unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[test]
+fn a_client_that_lost_its_lease_refuses_writes() {
+    let cl = Cluster::new();
+    let c = cl.client(1);
+    let f = file(&c, ROOT_INO, "f");
+    c.fs.callbacks().upgrade().unwrap().lease_lost();
+    assert!(c.fs.is_lease_lost());
+    assert_eq!(c.fs.write(f, 0, b"x"), Err(FsError::LeaseLost));
+    assert_eq!(c.fs.create(ROOT_INO, b"g", 0o644, 0, ME).map(|_| ()), Err(FsError::LeaseLost));
+    assert_eq!(FsError::LeaseLost.errno(), libc::EIO);
+}

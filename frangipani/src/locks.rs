@@ -164,7 +164,9 @@ impl MemLockService {
     }
 
     /// Grants `name` in `mode` to `client`, revoking it from conflicting holders first.
-    fn grant(&self, client: u64, name: &LockName, mode: Mode) -> Result<(), LockError> {
+    /// `granted` runs before any other grant of `name` can revoke it again, so the client
+    /// records what it holds before it can be asked to give it back.
+    fn grant(&self, client: u64, name: &LockName, mode: Mode, granted: impl FnOnce()) -> Result<(), LockError> {
         let guard = lock(&self.granting).entry(name.clone()).or_default().clone();
         let _one_at_a_time = lock(&guard);
         loop {
@@ -178,6 +180,8 @@ impl MemLockService {
                 match conflict {
                     None => {
                         h.insert(client, mode);
+                        drop(holders);
+                        granted();
                         return Ok(());
                     }
                     Some(id) => id,
@@ -267,13 +271,16 @@ impl Locks for MemLockClient {
             }
             st.acquiring = true;
             drop(local);
-            let granted = self.service.grant(self.id, name, mode);
+            // Recorded inside the grant: once it returns, another client's grant may
+            // revoke the lock, and the revocation must see it held.
+            let granted = self.service.grant(self.id, name, mode, || {
+                let mut local = lock(&self.local);
+                let st = local.entry(name.clone()).or_default();
+                st.held = Some(st.held.map_or(mode, |h| h.max(mode)));
+            });
             local = lock(&self.local);
             let st = local.entry(name.clone()).or_default();
             st.acquiring = false;
-            if granted.is_ok() {
-                st.held = Some(st.held.map_or(mode, |h| h.max(mode)));
-            }
             self.changed.notify_all();
             granted?;
         }

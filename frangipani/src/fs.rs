@@ -345,11 +345,13 @@ impl LockCallbacks for Inner {
         }
     }
 
-    fn recover(&self, slot: u32) {
-        if let Err(e) =
-            crate::recovery::recover_slot(self.disk.as_ref(), &self.params, slot, self.lease_expiry())
-        {
-            tracing::error!(slot, "recovery failed: {e}");
+    fn recover(&self, slot: u32) -> Result<(), String> {
+        match crate::recovery::recover_slot(self.disk.as_ref(), &self.params, slot, self.lease_expiry()) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(slot, "recovery failed: {e}");
+                Err(e.to_string())
+            }
         }
     }
 

@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod cache;
+pub mod clerk_locks;
 pub mod dir;
 pub mod disk;
 mod error;

@@ -52,6 +52,24 @@ impl fmt::Display for LockName {
     }
 }
 
+impl std::str::FromStr for LockName {
+    type Err = String;
+
+    /// Parses what `Display` writes.
+    fn from_str(s: &str) -> Result<LockName, String> {
+        let bad = || format!("not a lock name: {s:?}");
+        let parts: Vec<&str> = s.split('/').collect();
+        let num = |p: &str| p.parse::<u64>().map_err(|_| bad());
+        match parts.as_slice() {
+            ["rename"] => Ok(LockName::Rename),
+            ["inode", i] => Ok(LockName::Inode(num(i)?)),
+            ["bitmap", b, seg] => Ok(LockName::Segment(u8::try_from(num(b)?).map_err(|_| bad())?, num(seg)?)),
+            ["slot", n] => Ok(LockName::Slot(u32::try_from(num(n)?).map_err(|_| bad())?)),
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// Why a lock could not be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LockError {
@@ -80,8 +98,9 @@ pub trait LockCallbacks: Send + Sync {
     /// `name` is revoked (to `wanted` by another client): write back what it covers and
     /// drop it from the caches (keep clean copies if downgrading to shared).
     fn revoke(&self, name: &LockName, wanted: Mode);
-    /// Replay the log of the dead client that held `slot`.
-    fn recover(&self, slot: u32);
+    /// Replay the log of the dead client that held `slot`; the service frees the dead
+    /// client's locks once this returns Ok.
+    fn recover(&self, slot: u32) -> Result<(), String>;
     /// The lease is lost: refuse further writes.
     fn lease_lost(&self);
 }
@@ -166,7 +185,13 @@ impl MemLockService {
     /// Grants `name` in `mode` to `client`, revoking it from conflicting holders first.
     /// `granted` runs before any other grant of `name` can revoke it again, so the client
     /// records what it holds before it can be asked to give it back.
-    fn grant(&self, client: u64, name: &LockName, mode: Mode, granted: impl FnOnce()) -> Result<(), LockError> {
+    fn grant(
+        &self,
+        client: u64,
+        name: &LockName,
+        mode: Mode,
+        granted: impl FnOnce(),
+    ) -> Result<(), LockError> {
         let guard = lock(&self.granting).entry(name.clone()).or_default().clone();
         let _one_at_a_time = lock(&guard);
         loop {
@@ -303,5 +328,20 @@ impl Locks for MemLockClient {
 
     fn lease_expiry_ms(&self) -> Option<u64> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_names_round_trip_through_strings() {
+        for name in [LockName::Rename, LockName::Inode(42), LockName::Segment(2, 7), LockName::Slot(255)] {
+            assert_eq!(name.to_string().parse::<LockName>(), Ok(name));
+        }
+        for bad in ["", "inode", "inode/x", "bitmap/300/1", "slot/-1", "other/1"] {
+            assert!(bad.parse::<LockName>().is_err(), "{bad}");
+        }
     }
 }

@@ -8,8 +8,8 @@
 
 use crate::disk::{DiskError, NodeDisk};
 use crate::{
-    ConfChange, ConfState, Config, EntryPayload, Index, Message, NodeId, ProposeError, Raft, Ready, Restored,
-    Role, Status, Term,
+    ConfChange, ConfState, Config, EntryPayload, Index, Message, MessageBody, NodeId, ProposeError, Raft,
+    Ready, Restored, Role, Status, Term,
 };
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
@@ -434,9 +434,24 @@ impl<S: StateMachine> Runner<S> {
                 self.fail_all(ClientError::Unknown);
             }
         }
-        // Durable before anything that depends on it leaves the node.
+        // A leader's appends and heartbeats (and a pre-candidate's pre-votes) depend on
+        // nothing this batch persists, so they go out while the disk syncs (Raft thesis
+        // §10.2.1); votes and replies wait until their state is durable.
+        let (early, late): (Vec<&Message>, Vec<&Message>) = rd.messages.iter().partition(|m| {
+            matches!(
+                m.body,
+                MessageBody::Append { .. }
+                    | MessageBody::Heartbeat { .. }
+                    | MessageBody::Snapshot { .. }
+                    | MessageBody::TimeoutNow
+                    | MessageBody::PreVote { .. }
+            )
+        });
+        for m in early {
+            (self.send)(m.clone());
+        }
         tokio::task::block_in_place(|| self.disk.persist(rd))?;
-        for m in &rd.messages {
+        for m in late {
             (self.send)(m.clone());
         }
         if let Some(s) = &rd.snapshot {

@@ -36,6 +36,7 @@ pub mod locks;
 pub mod mkfs;
 pub mod namespace;
 mod orphans;
+pub mod petal_disk;
 pub mod recovery;
 pub mod sector;
 mod txn;

@@ -1,0 +1,247 @@
+//! A real FUSE mount for tests: `frangipani mount-memory` as a child process, unmounted
+//! and killed when the guard drops, whatever the test did.
+
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a mount may take to appear or a process to exit.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Whether FUSE can be used here; says so loudly when not.
+pub fn fuse_available(test: &str) -> bool {
+    if Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    eprintln!("\n!!! SKIPPED {test}: /dev/fuse is missing, so no FUSE mount can be tested here !!!\n");
+    false
+}
+
+/// A `frangipani mount-memory` process and its mount points.
+pub struct Mount {
+    child: Option<Child>,
+    dirs: Vec<PathBuf>,
+    log: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+impl Mount {
+    /// Mounts one client.
+    pub fn start() -> Mount {
+        Mount::start_clients(1)
+    }
+
+    /// Mounts `n` clients of one in-memory file system (as `n` machines).
+    pub fn start_clients(n: usize) -> Mount {
+        let tmp = tempfile::Builder::new().prefix("frangipani-mount-").tempdir().expect("tempdir");
+        // Other users must be able to reach the mount points (allow_other tests).
+        set_mode(tmp.path(), 0o755);
+        let dirs: Vec<PathBuf> = (0..n).map(|i| tmp.path().join(format!("mnt{i}"))).collect();
+        for d in &dirs {
+            std::fs::create_dir(d).expect("create mount point");
+        }
+        let log = tmp.path().join("mount.log");
+        let mut m = Mount { child: None, dirs, log, tmp };
+        m.spawn();
+        m
+    }
+
+    /// Starts the process again at the same mount points (after a kill).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_frangipani"))
+            .arg("mount-memory")
+            .args(&self.dirs)
+            .env("RUST_LOG", std::env::var("FRANGIPANI_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start frangipani mount-memory");
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        // Mounted, and served (a stale mount left by a killed process is listed too).
+        while !self.dirs.iter().all(|d| is_mounted(d) && std::fs::metadata(d).is_ok()) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                panic!("mount-memory exited with {status} before mounting:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "not mounted after {PATIENCE:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The first mount point.
+    pub fn dir(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    /// Mount point `i`.
+    pub fn dir_of(&self, i: usize) -> &Path {
+        &self.dirs[i]
+    }
+
+    /// A scratch directory outside the mount.
+    pub fn scratch(&self) -> PathBuf {
+        let p = self.tmp.path().join("scratch");
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        p
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// What the process logged.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of our own child.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("mount process did not exit within {PATIENCE:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then checks it exited cleanly, unmounted everything and logged no error.
+    pub fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.wait();
+        let log = self.log();
+        assert!(status.success(), "mount process exited with {status}:\n{log}");
+        for d in &self.dirs {
+            assert!(!is_mounted(d), "{} still mounted after SIGTERM", d.display());
+        }
+        let unexpected = log.lines().any(|l| (l.contains(" ERROR ") || l.contains(" WARN ")) && !benign(l));
+        assert!(!unexpected, "unexpected ERROR or WARN in the log:\n{log}");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the pid of our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for d in &self.dirs {
+            if is_mounted(d) {
+                detach(d);
+            }
+        }
+    }
+}
+
+/// Log lines that are expected: the kernel drops requests still queued when the file system
+/// is unmounted (a close's RELEASE, say), and fuser reports that their replies found nobody.
+pub fn benign(line: &str) -> bool {
+    line.contains("fuser::reply: Failed to send FUSE reply: No such file or directory")
+}
+
+/// Whether `dir` is a mount point (per /proc/self/mountinfo), stale or not.
+pub fn is_mounted(dir: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let want = dir.as_os_str().as_bytes();
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|p| unescape(p) == want))
+}
+
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Lazily detaches whatever is mounted at `dir`.
+pub fn detach(dir: &Path) {
+    let c = CString::new(dir.as_os_str().as_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+/// Sets a path's permission bits.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Runs a shell script in `dir`; panics unless it succeeds; returns its stdout.
+pub fn sh(dir: &Path, script: &str) -> String {
+    let out = sh_output(dir, script);
+    assert!(
+        out.status.success(),
+        "script failed ({}):\n{script}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a shell script in `dir`.
+pub fn sh_output(dir: &Path, script: &str) -> Output {
+    Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("run sh")
+}
+
+/// Whether a command is on the PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A C string of a path.
+pub fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path")
+}
+
+/// The last OS error's number.
+pub fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}

@@ -35,10 +35,11 @@ for i in 1 2 3; do
     PIDS+=($!)
 done
 for _ in $(seq 100); do
-    if "$BIN/petal" status --cluster "$PEERS" 2>/dev/null | grep -q Leader; then break; fi
+    "$BIN/petal" status --cluster "$PEERS" >"$WORK/status" 2>/dev/null || true
+    if grep -q Leader "$WORK/status"; then break; fi
     sleep 0.1
 done
-"$BIN/petal" status --cluster "$PEERS" | grep -q Leader || { log "no leader"; tail "$WORK"/*.log; exit 1; }
+grep -q Leader "$WORK/status" || { log "no leader"; tail "$WORK"/*.log; exit 1; }
 
 "$BIN/frangipani-bench" --petal "$PEERS" --local-dir "$WORK/local" \
     --files "${BENCH_FILES:-10000}" --small-files "${BENCH_SMALL:-2000}" --big-mib "${BENCH_BIG_MIB:-1024}"

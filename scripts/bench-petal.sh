@@ -51,9 +51,10 @@ for i in 1 2 3; do
 done
 # Wait for a leader.
 for _ in $(seq 100); do
-    if "$BIN/petal" status --cluster "$PEERS" 2>/dev/null | grep -q Leader; then break; fi
+    "$BIN/petal" status --cluster "$PEERS" >"$WORK/status" 2>/dev/null || true
+    if grep -q Leader "$WORK/status"; then break; fi
     sleep 0.1
 done
-"$BIN/petal" status --cluster "$PEERS" | grep -q Leader || { log "no leader"; tail "$WORK"/*.log; exit 1; }
+grep -q Leader "$WORK/status" || { log "no leader"; tail "$WORK"/*.log; exit 1; }
 
 "$BIN/petal-bench" --cluster "$PEERS" --local-dir "$WORK/local" --seconds "$SECONDS_PER_RUN" --clients "$CLIENTS"

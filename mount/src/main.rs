@@ -1,15 +1,23 @@
 //! The `frangipani` command.
 //!
-//! For now only the hidden development command `mount-memory`; `up`, `mkfs`, `mount`,
-//! `status`, `fsck` and `bench` join it as further [`Backend`]s and subcommands once the
-//! Petal client and the lock service's clerk can be wired in.
+//! ```text
+//! frangipani up DIR                                  # a local cluster, mounted at DIR
+//! frangipani mkfs  --petal CLUSTER [--disk fs]
+//! frangipani mount DIR --petal CLUSTER --locks CLUSTER [--disk fs]
+//! frangipani fsck  --petal CLUSTER --locks CLUSTER [--disk fs] [--repair]
+//! frangipani status --petal CLUSTER --locks CLUSTER
+//! ```
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use frangipani::clerk_locks::{CallbackBridge, ClerkLocks};
 use frangipani::disk::{MemDisk, VirtualDisk};
 use frangipani::layout::Params;
-use frangipani::locks::{LockCallbacks, Locks, MemLockService};
+use frangipani::locks::{LockCallbacks, LockError, LockName, Locks, MemLockService, Mode};
 use frangipani::mkfs;
+use frangipani::petal_disk::PetalDisk;
+use frangipani::Frangipani;
+use lockserver::{Clerk, ClerkConfig};
 use mount::mounter::{MountOptions, Signals, Supervisor};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,8 +30,64 @@ struct Cli {
     command: Cmd,
 }
 
+/// Where the cluster is (for every command that talks to one).
+#[derive(clap::Args, Clone)]
+struct ClusterArgs {
+    /// Petal replicas, ID=HOST:PORT,...
+    #[arg(long, default_value = UP_PETAL)]
+    petal: String,
+    /// Lock servers, ID=HOST:PORT,...
+    #[arg(long, default_value = UP_LOCKS)]
+    locks: String,
+    /// The Petal virtual disk holding the file system.
+    #[arg(long, default_value = "fs")]
+    disk: String,
+}
+
+/// The addresses `up` uses, so the other commands find its cluster by default.
+const UP_PETAL: &str = "1=127.0.0.1:7501,2=127.0.0.1:7502,3=127.0.0.1:7503";
+const UP_LOCKS: &str = "1=127.0.0.1:7511,2=127.0.0.1:7512,3=127.0.0.1:7513";
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Starts a complete local cluster (3 Petal replicas, 3 lock servers) with its data
+    /// under --data, formats it on first use, and mounts it at DIR until Ctrl-C or SIGTERM.
+    Up {
+        /// Mount point.
+        dir: PathBuf,
+        /// Where the cluster keeps its data (default: DIR's path with ".frangipani" added).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[command(flatten)]
+        mount: MountArgs,
+    },
+    /// Formats the Petal disk (creating it if needed). Destroys what was there.
+    Mkfs {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Mounts the file system at DIR until Ctrl-C or SIGTERM.
+    Mount {
+        /// Mount point.
+        dir: PathBuf,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        mount: MountArgs,
+    },
+    /// Checks the file system (run it on a quiet file system); --repair fixes what it can.
+    Fsck {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Fix link counts, bitmaps and unreachable inodes.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Shows the health of the Petal group and the lock service.
+    Status {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
     /// Formats a file system in memory and mounts one client of it at each DIR (several
     /// DIRs act as several machines sharing the disk and the lock service), until Ctrl-C
     /// or SIGTERM. For development and tests: nothing survives the process.
@@ -67,11 +131,12 @@ struct Client {
     install_callbacks: Box<dyn FnOnce(Weak<dyn LockCallbacks>)>,
 }
 
-/// Where disks and locks come from. TODO(lead): `Petal { .. }` (the blocking Petal client)
-/// and the lock service's clerk, for `mount` and `up`.
+/// Where disks and locks come from.
 enum Backend {
     /// A disk and a lock service in this process.
     Memory { disk: Arc<MemDisk>, locks: Arc<MemLockService> },
+    /// A Petal disk and the lock service, the way machines share them.
+    Cluster { args: ClusterArgs, runtime: Arc<tokio::runtime::Runtime> },
 }
 
 impl Backend {
@@ -94,12 +159,22 @@ impl Backend {
                     install_callbacks: Box::new(move |cb| for_callbacks.set_callbacks(cb)),
                 })
             }
+            Backend::Cluster { args, runtime } => {
+                let disk = petal_disk(args)?;
+                let locks = runtime.block_on(lock_client(args, n))?;
+                Ok(Client {
+                    disk,
+                    locks: locks.clone(),
+                    install_callbacks: Box::new(move |cb| locks.bridge.set(cb)),
+                })
+            }
         }
     }
 
     fn name(&self) -> &'static str {
         match self {
             Backend::Memory { .. } => "frangipani:memory",
+            Backend::Cluster { .. } => "frangipani",
         }
     }
 }
@@ -121,9 +196,189 @@ fn serve(signals: Signals, backend: &Backend, dirs: &[PathBuf], args: &MountArgs
     Ok(())
 }
 
+/// The clerk as the file system's lock client, with the bridge its callbacks go through.
+struct ClusterLocks {
+    locks: ClerkLocks,
+    bridge: Arc<CallbackBridge>,
+}
+
+impl Locks for ClusterLocks {
+    fn acquire(&self, name: &LockName, mode: Mode) -> Result<(), LockError> {
+        self.locks.acquire(name, mode)
+    }
+    fn release(&self, name: &LockName, mode: Mode) {
+        self.locks.release(name, mode)
+    }
+    fn slot(&self) -> u32 {
+        self.locks.slot()
+    }
+    fn lease_expiry_ms(&self) -> Option<u64> {
+        self.locks.lease_expiry_ms()
+    }
+}
+
+fn cluster(s: &str) -> anyhow::Result<std::collections::BTreeMap<raft::NodeId, String>> {
+    raft::cluster::parse_cluster(s).map_err(anyhow::Error::msg)
+}
+
+fn petal_disk(args: &ClusterArgs) -> anyhow::Result<Arc<dyn VirtualDisk>> {
+    let client = petal::BlockingClient::new(petal::ClientConfig::new(cluster(&args.petal)?))?;
+    Ok(Arc::new(PetalDisk::new(client, args.disk.clone())))
+}
+
+async fn lock_client(args: &ClusterArgs, n: u32) -> anyhow::Result<Arc<ClusterLocks>> {
+    let bridge = CallbackBridge::new();
+    let name = format!("{}:{}:{n}", hostname(), std::process::id());
+    let clerk = Clerk::connect(ClerkConfig::new(cluster(&args.locks)?, name), bridge.clone())
+        .await
+        .context("open a lock service session")?;
+    Ok(Arc::new(ClusterLocks { locks: ClerkLocks::new(Arc::new(clerk)), bridge }))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
+fn runtime() -> anyhow::Result<Arc<tokio::runtime::Runtime>> {
+    Ok(Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("start runtime")?,
+    ))
+}
+
+/// Creates the disk if needed and formats it.
+fn mkfs_cluster(args: &ClusterArgs) -> anyhow::Result<()> {
+    let client = petal::BlockingClient::new(petal::ClientConfig::new(cluster(&args.petal)?))?;
+    match client.create(&args.disk) {
+        Ok(()) | Err(petal::PetalError::Exists(_)) => {}
+        Err(e) => return Err(e).context("create the Petal disk"),
+    }
+    mkfs::mkfs(Arc::new(PetalDisk::new(client, args.disk.clone())), Params::default()).context("mkfs")?;
+    Ok(())
+}
+
+/// Whether the disk holds a file system already.
+fn formatted(args: &ClusterArgs) -> anyhow::Result<bool> {
+    let client = petal::BlockingClient::new(petal::ClientConfig::new(cluster(&args.petal)?))?;
+    match client.create(&args.disk) {
+        Ok(()) => return Ok(false),
+        Err(petal::PetalError::Exists(_)) => {}
+        Err(e) => return Err(e).context("create the Petal disk"),
+    }
+    Ok(mkfs::read_params(&PetalDisk::new(client, args.disk.clone())).is_ok())
+}
+
+fn fsck(args: &ClusterArgs, repair: bool) -> anyhow::Result<bool> {
+    let runtime = runtime()?;
+    let locks = runtime.block_on(lock_client(args, 0))?;
+    let fs = Frangipani::mount(petal_disk(args)?, locks.clone(), frangipani::Config::default())?;
+    locks.bridge.set(fs.callbacks());
+    let report = fs.fsck(repair)?;
+    println!("{report}");
+    fs.unmount()?;
+    Ok(report.is_clean())
+}
+
+fn status(args: &ClusterArgs) -> anyhow::Result<()> {
+    // The services' own status commands say it best: run them.
+    for (program, title, addrs) in
+        [("petal", "Petal group", &args.petal), ("lockserver", "lock service", &args.locks)]
+    {
+        println!("{title} ({addrs}):");
+        let out = std::process::Command::new(sibling(program)?)
+            .args(["status", "--cluster", addrs])
+            .output()
+            .with_context(|| format!("run {program} status"))?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            print!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
+/// A program installed beside this one (the workspace's binaries share a directory).
+fn sibling(program: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("find own executable")?;
+    Ok(exe.parent().context("executable directory")?.join(program))
+}
+
+/// Child processes of `up`, killed (SIGTERM, then SIGKILL) and reaped when dropped.
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts 3 Petal replicas and 3 lock servers beside this executable's siblings.
+fn start_cluster(data: &std::path::Path) -> anyhow::Result<Children> {
+    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    let mut children = Children(Vec::new());
+    for (program, peers, kind) in [("petal", UP_PETAL, "petal"), ("lockserver", UP_LOCKS, "locks")] {
+        for id in 1..=3 {
+            let log = std::fs::File::create(data.join(format!("{kind}{id}.log")))?;
+            let child = std::process::Command::new(sibling(program)?)
+                .args(["serve", "--id", &id.to_string(), "--peers", peers, "--data"])
+                .arg(data.join(format!("{kind}{id}")))
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("start {program} (built beside frangipani?)"))?;
+            children.0.push(child);
+        }
+    }
+    Ok(children)
+}
+
+fn up(signals: Signals, dir: PathBuf, data: Option<PathBuf>, mount: MountArgs) -> anyhow::Result<()> {
+    let data = data.unwrap_or_else(|| {
+        let mut d = dir.clone().into_os_string();
+        d.push(".frangipani");
+        PathBuf::from(d)
+    });
+    let children = start_cluster(&data)?;
+    let args = ClusterArgs { petal: UP_PETAL.into(), locks: UP_LOCKS.into(), disk: "fs".into() };
+    // The groups elect leaders within a few seconds; the clients retry until then.
+    if !formatted(&args)? {
+        mkfs_cluster(&args)?;
+        println!("frangipani: formatted a new file system");
+    }
+    println!("frangipani: petal {UP_PETAL}, locks {UP_LOCKS}, data in {}", data.display());
+    println!("frangipani: mounted at {} (Ctrl-C to stop)", dir.display());
+    let backend = Backend::Cluster { args, runtime: runtime()? };
+    let result = serve(signals, &backend, std::slice::from_ref(&dir), &mount);
+    drop(backend);
+    drop(children);
+    result
+}
+
 fn run(cli: Cli, signals: Signals) -> anyhow::Result<()> {
     match cli.command {
         Cmd::MountMemory { dirs, mount } => serve(signals, &Backend::memory()?, &dirs, &mount),
+        Cmd::Up { dir, data, mount } => up(signals, dir, data, mount),
+        Cmd::Mkfs { cluster } => mkfs_cluster(&cluster),
+        Cmd::Mount { dir, cluster, mount } => {
+            let backend = Backend::Cluster { args: cluster, runtime: runtime()? };
+            serve(signals, &backend, &[dir], &mount)
+        }
+        Cmd::Fsck { cluster, repair } => {
+            if fsck(&cluster, repair)? || repair {
+                Ok(())
+            } else {
+                anyhow::bail!("the file system has problems (run with --repair to fix them)")
+            }
+        }
+        Cmd::Status { cluster } => status(&cluster),
     }
 }
 

@@ -20,9 +20,9 @@ use crate::machine::{Answer, Command, Event, LockState, MachineError, Reply, Ses
 use crate::table::{Acquired, Limits, Mode, SessionId, TableError, Token};
 use futures::Stream;
 use proto::lock_service_server::{LockService, LockServiceServer};
-use raft::driver::{ClientError, Node, NodeConfig, StateMachine, Wiring};
-use raft::transport::{self, Router, Transport};
-use raft::{ConfState, Index, NodeId};
+use raft::driver::{ClientError, Node, NodeConfig, StateMachine};
+use raft::group::start_member;
+use raft::{Index, NodeId};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -250,33 +250,25 @@ pub async fn serve(cfg: ServerConfig, listen: SocketAddr) -> anyhow::Result<()> 
 /// Runs a lock server on a bound listener until the server fails.
 pub async fn serve_on(cfg: ServerConfig, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     anyhow::ensure!(cfg.lease_ms >= 100, "a lease of {} ms is too short", cfg.lease_ms);
-    let router = Router::new();
-    let (inbox_tx, inbox) = mpsc::channel(4096);
-    router.register(GROUP, inbox_tx);
-    let transport = Arc::new(Transport::new(GROUP, cfg.id, MAX_MESSAGE_BYTES));
-    for (id, addr) in &cfg.peers {
-        if *id != cfg.id {
-            transport.set_peer(*id, addr.clone());
-        }
-    }
-    let bootstrap = ConfState::with_voters(cfg.peers.keys().copied());
-    let mut node_cfg = NodeConfig::new(cfg.id, cfg.data_dir.clone(), Some(bootstrap));
+    let mut node_cfg = NodeConfig::new(cfg.id, cfg.data_dir.clone(), None);
     node_cfg.tick = cfg.raft_tick;
     node_cfg.snapshot_entries = cfg.snapshot_entries;
     let hub = Arc::new(Hub::default());
-    let sender = transport.clone();
-    let node = Node::start(
+    let member = start_member(
+        GROUP,
+        &cfg.peers,
         node_cfg,
         LockMachine::new(cfg.limits, hub.clone()),
-        Wiring { send: Box::new(move |m| sender.send(m)), inbox },
+        MAX_MESSAGE_BYTES,
     )?;
+    let node = member.node;
     let clock = Arc::new(Clock::new());
     let keeper =
         tokio::spawn(keep_time(node.clone(), hub.clone(), clock.clone(), tick_interval(cfg.lease_ms)));
     tracing::info!(id = %cfg.id, listen = %listener.local_addr()?, lease_ms = cfg.lease_ms, "lock server serving");
     let service = Service { node, clock, lease_ms: cfg.lease_ms };
     let result = tonic::transport::Server::builder()
-        .add_service(transport::service(router, MAX_MESSAGE_BYTES))
+        .add_service(member.service)
         .add_service(
             LockServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -20,8 +20,8 @@ use crate::proto::petal_server::{Petal, PetalServer};
 use crate::proto::{self, Code, Outcome};
 use crate::store::{ExtentContent, Store};
 use crate::{codec, unix_ms};
-use raft::transport::{self, Router, Transport};
-use raft::{ClientError, ConfState, Node, NodeConfig, NodeId, Role, Wiring};
+use raft::group::start_member;
+use raft::{ClientError, Node, NodeConfig, NodeId, Role};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
@@ -103,15 +103,6 @@ pub async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
 /// Runs a replica on a bound listener. Needs a multi-threaded tokio runtime (installing a
 /// snapshot fetches from peers inside the Raft driver).
 pub async fn serve_on(cfg: ServerConfig, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-    let router = Router::new();
-    let (inbox_tx, inbox) = mpsc::channel(4096);
-    router.register(GROUP, inbox_tx);
-    let transport = Arc::new(Transport::new(GROUP, cfg.id, RAFT_MESSAGE_BYTES_MAX));
-    for (id, addr) in &cfg.peers {
-        if *id != cfg.id {
-            transport.set_peer(*id, addr.clone());
-        }
-    }
     let max_message_bytes = cfg.max_io_bytes as usize + (1 << 20);
     let peers = Arc::new(Peers::new(cfg.id, &cfg.peers, max_message_bytes)?);
     let store = Arc::new(RwLock::new(Store::open(&cfg.data_dir.join("store"))?));
@@ -119,15 +110,14 @@ pub async fn serve_on(cfg: ServerConfig, listener: tokio::net::TcpListener) -> a
     let machine = PetalMachine::new(store.clone(), Box::new(source))?;
     let machine_stats = machine.stats();
 
-    let bootstrap = ConfState::with_voters(cfg.peers.keys().copied());
-    let mut node_cfg = NodeConfig::new(cfg.id, cfg.data_dir.join("raft"), Some(bootstrap));
+    let mut node_cfg = NodeConfig::new(cfg.id, cfg.data_dir.join("raft"), None);
     node_cfg.tick = cfg.tick;
     node_cfg.snapshot_entries = cfg.snapshot_entries;
     node_cfg.raft.max_msg_bytes = 4 << 20;
     node_cfg.raft.max_inflight_bytes = 64 << 20;
     node_cfg.raft.snapshot_chunk_bytes = 1 << 20;
-    let sender = transport.clone();
-    let node = Node::start(node_cfg, machine, Wiring { send: Box::new(move |m| sender.send(m)), inbox })?;
+    let member = start_member(GROUP, &cfg.peers, node_cfg, machine, RAFT_MESSAGE_BYTES_MAX)?;
+    let node = member.node;
 
     let repair = Arc::new(Notify::new());
     tokio::spawn(repair_task(store.clone(), peers.clone(), repair.clone()));
@@ -144,7 +134,7 @@ pub async fn serve_on(cfg: ServerConfig, listener: tokio::net::TcpListener) -> a
     };
     tracing::info!(id = %cfg.id, listen = %listener.local_addr()?, "petal replica serving");
     tonic::transport::Server::builder()
-        .add_service(transport::service(router, RAFT_MESSAGE_BYTES_MAX))
+        .add_service(member.service)
         .add_service(
             PetalServer::new(service)
                 .max_decoding_message_size(max_message_bytes)

@@ -2,16 +2,14 @@
 //! to the Raft transport on one port; and [`KvClient`], which finds the leader and retries
 //! safely. Used by the `raft-kv` command, the process tests and the benchmark.
 
-use crate::driver::{ClientError, Node, NodeConfig, StateMachine, Wiring};
+use crate::driver::{ClientError, Node, NodeConfig, StateMachine};
+use crate::group::start_member;
 use crate::kv::{KvCommand, KvOp, KvResult, KvStore};
-use crate::transport::{self, Router, Transport};
-use crate::{ConfState, Index, NodeId};
+use crate::{Index, NodeId};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 /// The wire types of `proto/kv.proto`.
@@ -90,28 +88,14 @@ pub async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
 
 /// Runs a key-value node on a bound listener.
 pub async fn serve_on(cfg: ServerConfig, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-    let router = Router::new();
-    let (inbox_tx, inbox) = mpsc::channel(4096);
-    router.register(GROUP, inbox_tx);
-    let transport = Arc::new(Transport::new(GROUP, cfg.id, MAX_MESSAGE_BYTES));
-    for (id, addr) in &cfg.peers {
-        if *id != cfg.id {
-            transport.set_peer(*id, addr.clone());
-        }
-    }
-    let bootstrap = ConfState::with_voters(cfg.peers.keys().copied());
-    let mut node_cfg = NodeConfig::new(cfg.id, cfg.data_dir.clone(), Some(bootstrap));
+    let mut node_cfg = NodeConfig::new(cfg.id, cfg.data_dir.clone(), None);
     node_cfg.tick = cfg.tick;
     node_cfg.snapshot_entries = cfg.snapshot_entries;
-    let sender = transport.clone();
-    let node = Node::start(
-        node_cfg,
-        KvMachine::default(),
-        Wiring { send: Box::new(move |m| sender.send(m)), inbox },
-    )?;
+    let member = start_member(GROUP, &cfg.peers, node_cfg, KvMachine::default(), MAX_MESSAGE_BYTES)?;
+    let node = member.node;
     tracing::info!(id = %cfg.id, listen = %listener.local_addr()?, "kv node serving");
     tonic::transport::Server::builder()
-        .add_service(transport::service(router, MAX_MESSAGE_BYTES))
+        .add_service(member.service)
         .add_service(
             KvServer::new(KvService { node })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -28,6 +28,7 @@ pub mod cluster;
 mod config;
 mod disk;
 pub mod driver;
+pub mod group;
 pub mod kv;
 pub mod kv_service;
 mod log;

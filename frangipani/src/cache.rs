@@ -188,6 +188,11 @@ impl Cache {
         self.data_lru.put((ino, page), ());
     }
 
+    /// Whether more pages are cached than the bound allows.
+    pub fn pages_over_budget(&self) -> bool {
+        self.data.len() > self.data_max
+    }
+
     /// Pages to evict to respect the bound: the caller writes back the dirty ones first
     /// (it needs the disk), then calls [`Cache::forget_page`].
     pub fn over_budget_pages(&mut self) -> Vec<(u64, u64, Option<PageBytes>)> {

@@ -60,7 +60,10 @@ pub(crate) struct Inner {
     pending_decommits: Mutex<BTreeSet<(Bitmap, u64)>>,
 }
 
-/// Most records queued before a commit forces a log flush.
+/// Most metadata sectors written back in one disk write.
+const META_RUN_SECTORS_MAX: usize = 2048;
+
+/// How full the log may get before the metadata it covers is written back and it is trimmed.
 const LOG_RECLAIM_FRACTION: f64 = 0.75;
 
 impl Inner {
@@ -201,13 +204,35 @@ impl Inner {
     /// Writes back dirty metadata (under `lock_name`, or all) whose records are durable up
     /// to `durable`.
     fn write_back_meta(&self, lock_name: Option<&LockName>, durable: u64) -> FsResult<()> {
-        let dirty = lock(&self.cache).dirty_meta(lock_name);
-        for (addr, sector, seq) in dirty {
-            if seq > durable {
-                continue; // its record is not durable yet; it stays dirty
+        // Its record not durable yet, a sector stays dirty.
+        let mut dirty: Vec<(u64, Sector)> = lock(&self.cache)
+            .dirty_meta(lock_name)
+            .into_iter()
+            .filter(|(_, _, seq)| *seq <= durable)
+            .map(|(addr, sector, _)| (addr, sector))
+            .collect();
+        dirty.sort_unstable_by_key(|(addr, _)| *addr);
+        // Sectors that are neighbours on the disk (inodes made one after another, a
+        // directory's nodes) go out in one write.
+        let mut i = 0;
+        while i < dirty.len() {
+            let mut j = i + 1;
+            while j < dirty.len()
+                && dirty[j].0 == dirty[j - 1].0 + SECTOR_BYTES as u64
+                && j - i < META_RUN_SECTORS_MAX
+            {
+                j += 1;
             }
-            self.disk.write(addr, sector.bytes(), self.lease_expiry())?;
-            lock(&self.cache).meta_written(addr, sector.version());
+            let mut buf = Vec::with_capacity((j - i) * SECTOR_BYTES);
+            for (_, sector) in &dirty[i..j] {
+                buf.extend_from_slice(sector.bytes());
+            }
+            self.disk.write(dirty[i].0, &buf, self.lease_expiry())?;
+            let mut cache = lock(&self.cache);
+            for (addr, sector) in &dirty[i..j] {
+                cache.meta_written(*addr, sector.version());
+            }
+            i = j;
         }
         Ok(())
     }
@@ -298,7 +323,12 @@ impl Inner {
 
     /// Evicts pages beyond the cache bound, writing dirty ones back first.
     pub(crate) fn trim_pages(&self) -> FsResult<()> {
+        if !lock(&self.cache).pages_over_budget() {
+            return Ok(());
+        }
         let _wb = lock(&self.writeback);
+        // Write every dirty page back in large runs first, so evicting costs no small writes.
+        self.write_back_pages(None)?;
         let victims = lock(&self.cache).over_budget_pages();
         for (ino, page, dirty) in victims {
             if let Some(bytes) = dirty {

@@ -153,13 +153,11 @@ impl Frangipani {
         let first = offset / PAGE_BYTES as u64;
         let last = (end - 1) / PAGE_BYTES as u64;
         // Allocate blocks for every page written.
-        let before = (inode.small, inode.large);
         for p in first..=last {
             if p < layout::SMALL_BLOCKS_PER_FILE as u64 || inode.large == 0 {
                 txn.map(ino, &mut inode, p * PAGE_BYTES as u64, true)?;
             }
         }
-        let allocated = (inode.small, inode.large) != before;
         // Partially written pages need their old bytes first.
         for p in [first, last] {
             let page_start = p * PAGE_BYTES as u64;
@@ -190,16 +188,11 @@ impl Frangipani {
             }
         }
         let now = Time::now();
-        let grew = end > inode.size;
-        if grew {
-            inode.size = end;
-        }
-        // Skip logging a time-only change within the same second (cheap writes).
-        if grew || allocated || inode.mtime.secs != now.secs {
-            inode.mtime = now;
-            inode.ctime = now;
-            txn.write_inode(ino, &inode)?;
-        }
+        inode.size = inode.size.max(end);
+        // Every write changes the modification time (POSIX), even an overwrite in place.
+        inode.mtime = now;
+        inode.ctime = now;
+        txn.write_inode(ino, &inode)?;
         txn.commit()?;
         self.inner.trim_pages()?;
         Ok(data.len())

@@ -351,3 +351,17 @@ fn a_client_that_lost_its_lease_refuses_writes() {
     assert_eq!(c.fs.create(ROOT_INO, b"g", 0o644, 0, ME).map(|_| ()), Err(FsError::LeaseLost));
     assert_eq!(FsError::LeaseLost.errno(), libc::EIO);
 }
+
+#[test]
+fn an_overwrite_in_place_updates_the_modification_time() {
+    let cl = Cluster::new();
+    let c = cl.client(1);
+    let f = file(&c, ROOT_INO, "f");
+    c.fs.write(f, 0, b"abcdefghij").unwrap();
+    let before = c.fs.getattr(f).unwrap().mtime;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    c.fs.write(f, 2, b"XY").unwrap();
+    let after = c.fs.getattr(f).unwrap();
+    assert!(after.mtime > before, "mtime {:?} did not move past {:?}", after.mtime, before);
+    assert_eq!(after.size, 10);
+}

@@ -24,8 +24,8 @@ pub trait VirtualDisk: Send + Sync {
     /// Writes `data` at `offset`. `lease_expiry_ms` (unix ms) lets the disk refuse a write
     /// whose writer's lease has expired.
     fn write(&self, offset: u64, data: &[u8], lease_expiry_ms: Option<u64>) -> Result<(), DiskError>;
-    /// Frees `[offset, offset+len)`: it reads as zeros afterwards.
-    fn decommit(&self, offset: u64, len: u64) -> Result<(), DiskError>;
+    /// Frees `[offset, offset+len)`: it reads as zeros afterwards. Fenced like a write.
+    fn decommit(&self, offset: u64, len: u64, lease_expiry_ms: Option<u64>) -> Result<(), DiskError>;
 }
 
 /// Bytes of one page of [`MemDisk`].
@@ -98,7 +98,7 @@ impl VirtualDisk for MemDisk {
         Ok(())
     }
 
-    fn decommit(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+    fn decommit(&self, offset: u64, len: u64, _lease_expiry_ms: Option<u64>) -> Result<(), DiskError> {
         if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(DiskError::Io("disk frozen".into()));
         }

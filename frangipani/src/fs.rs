@@ -104,7 +104,7 @@ impl Inner {
                 Bitmap::Small => (layout::small_block_addr(unit), layout::SMALL_BLOCK_BYTES),
                 _ => (layout::large_block_addr(unit), layout::LARGE_BLOCK_BYTES),
             };
-            self.disk.decommit(addr, len)?;
+            self.disk.decommit(addr, len, self.lease_expiry())?;
             pending.remove(&(b, unit));
         }
         Ok(())

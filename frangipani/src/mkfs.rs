@@ -25,7 +25,7 @@ pub fn mkfs(disk: Arc<dyn VirtualDisk>, mut params: Params) -> FsResult<()> {
             | 1;
     }
     params.validate().map_err(|e| FsError::Invalid(e.to_string()))?;
-    disk.decommit(0, SMALL_BASE)?;
+    disk.decommit(0, SMALL_BASE, None)?;
     debug_assert!(LOG_BASE > SECTOR_BYTES as u64);
     disk.write(0, &params.encode(), None)?;
     // Build the root with an ordinary client (slot 0, a private lock service).

@@ -68,9 +68,9 @@ impl VirtualDisk for PetalDisk {
         Ok(())
     }
 
-    fn decommit(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+    fn decommit(&self, offset: u64, len: u64, lease_expiry_ms: Option<u64>) -> Result<(), DiskError> {
         // Decommit is metadata on Petal: one request covers any range.
-        self.client.decommit(&self.disk, offset, len, None).map_err(disk_error)
+        self.client.decommit(&self.disk, offset, len, lease_expiry_ms).map_err(disk_error)
     }
 }
 

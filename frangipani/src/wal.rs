@@ -841,8 +841,8 @@ mod tests {
             Err(DiskError::Io("crashed".into()))
         }
 
-        fn decommit(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-            self.disk.decommit(offset, len)
+        fn decommit(&self, offset: u64, len: u64, lease: Option<u64>) -> Result<(), DiskError> {
+            self.disk.decommit(offset, len, lease)
         }
     }
 

@@ -45,9 +45,9 @@ impl VirtualDisk for CutDisk {
         self.take()?;
         self.inner.write(offset, data, lease)
     }
-    fn decommit(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+    fn decommit(&self, offset: u64, len: u64, lease: Option<u64>) -> Result<(), DiskError> {
         self.take()?;
-        self.inner.decommit(offset, len)
+        self.inner.decommit(offset, len, lease)
     }
 }
 

@@ -287,6 +287,11 @@ impl Cache {
         }
     }
 
+    /// Number of dirty data pages.
+    pub fn dirty_page_count(&self) -> usize {
+        self.data.values().filter(|p| p.dirty).count()
+    }
+
     /// Cached metadata sectors and data pages.
     pub fn sizes(&self) -> (usize, usize) {
         (self.meta.len(), self.data.len())

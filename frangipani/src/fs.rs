@@ -39,6 +39,21 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A snapshot of a client's cache and log ([`Frangipani::stats`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Metadata sectors cached ([`crate::sector::SECTOR_BYTES`] each).
+    pub meta_sectors: usize,
+    /// File data pages cached ([`crate::cache::PAGE_BYTES`] each).
+    pub data_pages: usize,
+    /// Cached metadata sectors not yet written back.
+    pub dirty_meta_sectors: usize,
+    /// Cached data pages not yet written back.
+    pub dirty_data_pages: usize,
+    /// The fraction of the client's log slot in use (0 to 1).
+    pub log_used_fraction: f64,
+}
+
 /// The shared state of a mounted client.
 pub(crate) struct Inner {
     pub(crate) disk: Arc<dyn VirtualDisk>,
@@ -469,6 +484,22 @@ impl Frangipani {
     /// Cached (metadata sectors, data pages).
     pub fn cache_sizes(&self) -> (usize, usize) {
         lock(&self.inner.cache).sizes()
+    }
+
+    /// What the client caches and how full its log is, for status displays.
+    pub fn stats(&self) -> Stats {
+        let (meta_sectors, data_pages, dirty_meta_sectors, dirty_data_pages) = {
+            let cache = lock(&self.inner.cache);
+            let (meta, data) = cache.sizes();
+            (meta, data, cache.dirty_meta_count(), cache.dirty_page_count())
+        };
+        Stats {
+            meta_sectors,
+            data_pages,
+            dirty_meta_sectors,
+            dirty_data_pages,
+            log_used_fraction: lock(&self.inner.wal).used_fraction(),
+        }
     }
 
     /// Writes everything back and stops the background flusher.

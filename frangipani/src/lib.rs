@@ -45,7 +45,7 @@ mod xattr;
 
 pub use error::{FsError, FsResult};
 pub use file::{SetAttr, StatFs};
-pub use fs::{Config, Frangipani};
+pub use fs::{Config, Frangipani, Stats};
 pub use fsck::FsckReport;
 pub use layout::ROOT_INO;
 pub use namespace::{Attr, Caller, DirItem, RenameFlags};

@@ -39,6 +39,9 @@ pub enum LockName {
     Segment(u8, u64),
     /// A client's log slot.
     Slot(u32),
+    /// The flock and POSIX record locks of an inode, held by a machine for its processes
+    /// (taken by the FUSE mount, never inside a transaction; covers no cached data).
+    FileLocks(u64),
 }
 
 impl fmt::Display for LockName {
@@ -48,6 +51,7 @@ impl fmt::Display for LockName {
             LockName::Inode(i) => write!(f, "inode/{i}"),
             LockName::Segment(b, s) => write!(f, "bitmap/{b}/{s}"),
             LockName::Slot(s) => write!(f, "slot/{s}"),
+            LockName::FileLocks(i) => write!(f, "filelocks/{i}"),
         }
     }
 }
@@ -65,6 +69,7 @@ impl std::str::FromStr for LockName {
             ["inode", i] => Ok(LockName::Inode(num(i)?)),
             ["bitmap", b, seg] => Ok(LockName::Segment(u8::try_from(num(b)?).map_err(|_| bad())?, num(seg)?)),
             ["slot", n] => Ok(LockName::Slot(u32::try_from(num(n)?).map_err(|_| bad())?)),
+            ["filelocks", i] => Ok(LockName::FileLocks(num(i)?)),
             _ => Err(bad()),
         }
     }
@@ -337,7 +342,13 @@ mod tests {
 
     #[test]
     fn lock_names_round_trip_through_strings() {
-        for name in [LockName::Rename, LockName::Inode(42), LockName::Segment(2, 7), LockName::Slot(255)] {
+        for name in [
+            LockName::Rename,
+            LockName::Inode(42),
+            LockName::Segment(2, 7),
+            LockName::Slot(255),
+            LockName::FileLocks(9),
+        ] {
             assert_eq!(name.to_string().parse::<LockName>(), Ok(name));
         }
         for bad in ["", "inode", "inode/x", "bitmap/300/1", "slot/-1", "other/1"] {

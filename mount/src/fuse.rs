@@ -11,12 +11,11 @@
 //! them ([`Invalidator::hold`]) so that revocations do not wait on them, and handlers whose
 //! reply may be cached by the kernel note the epoch first (see [`crate::notify`]).
 //!
-//! File locks (flock and POSIX record locks) are not negotiated with the kernel, so the
-//! kernel keeps them itself, with full semantics among the processes of this machine.
-//! TODO(lock service): to hold them across machines, ask for `FUSE_POSIX_LOCKS` and
-//! `FUSE_FLOCK_LOCKS` in `init` and answer `getlk`/`setlk` from range locks kept in the
-//! lock service; a blocking `setlk` must park its reply rather than a request thread.
+//! File locks (flock and POSIX record locks) are negotiated with the kernel and kept by
+//! [`crate::filelock`], across machines through the lock service; a blocking `setlk` waits
+//! on a thread of its own, so it never ties up a request thread.
 
+use crate::filelock::{self, FileLocks, Want};
 use crate::notify::Invalidator;
 use frangipani::inode::{Time, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK};
 use frangipani::{Attr, Caller, Frangipani, FsError, SetAttr, XattrFlags, ROOT_INO};
@@ -53,14 +52,16 @@ type Res<T> = Result<T, Errno>;
 pub struct FrangipaniFs {
     fs: Arc<Frangipani>,
     inval: Arc<Invalidator>,
+    file_locks: Arc<FileLocks>,
     /// File handles are only counted (Frangipani keys open files by inode).
     next_fh: AtomicU64,
 }
 
 impl FrangipaniFs {
-    /// Serves `fs`, noting in `inval` the names handed to the kernel.
-    pub fn new(fs: Arc<Frangipani>, inval: Arc<Invalidator>) -> FrangipaniFs {
-        FrangipaniFs { fs, inval, next_fh: AtomicU64::new(1) }
+    /// Serves `fs`, noting in `inval` the names handed to the kernel and keeping file locks
+    /// in `file_locks`.
+    pub fn new(fs: Arc<Frangipani>, inval: Arc<Invalidator>, file_locks: Arc<FileLocks>) -> FrangipaniFs {
+        FrangipaniFs { fs, inval, file_locks, next_fh: AtomicU64::new(1) }
     }
 
     fn fh(&self) -> FileHandle {
@@ -229,15 +230,24 @@ impl FrangipaniFs {
 impl Filesystem for FrangipaniFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Cached pages go when a file's mtime or size changes under them; symlink targets
-        // are cached (invalidated like data); lookups in one directory run in parallel.
-        for flag in
-            [InitFlags::FUSE_AUTO_INVAL_DATA, InitFlags::FUSE_CACHE_SYMLINKS, InitFlags::FUSE_PARALLEL_DIROPS]
-        {
+        // are cached (invalidated like data); lookups in one directory run in parallel; file
+        // locks come here to be held across machines.
+        for flag in [
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_FLOCK_LOCKS,
+        ] {
             if config.add_capabilities(flag).is_err() {
                 tracing::info!(?flag, "kernel lacks this FUSE capability");
             }
         }
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.file_locks.close();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -431,15 +441,9 @@ impl Filesystem for FrangipaniFs {
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        // Close does not make data durable (fsync does); the kernel keeps the file locks.
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Close does not make data durable (fsync does); it drops the closer's POSIX locks.
+        self.file_locks.release_owner(ino.0, lock_owner.0);
         reply.ok();
     }
 
@@ -449,10 +453,14 @@ impl Filesystem for FrangipaniFs {
         ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The last close of an open file drops its flock.
+        if let Some(owner) = lock_owner {
+            self.file_locks.release_owner(ino.0, owner.0);
+        }
         match self.fs.release(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("release", e)),
@@ -605,34 +613,62 @@ impl Filesystem for FrangipaniFs {
     fn getlk(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _lock_owner: LockOwner,
-        _start: u64,
-        _end: u64,
-        _typ: i32,
-        _pid: u32,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
         reply: ReplyLock,
     ) {
-        // Not negotiated: the kernel keeps file locks itself (see the module docs).
-        reply.error(Errno::ENOSYS);
+        let res = Want::from_kernel(lock_owner.0, start, end, typ, pid)
+            .and_then(|want| self.file_locks.test(ino.0, want));
+        match res {
+            Ok(Some(r)) => {
+                let typ = if r.write { libc::F_WRLCK } else { libc::F_RDLCK };
+                reply.locked(r.start, r.end, typ, r.pid);
+            }
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn setlk(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
-        _lock_owner: LockOwner,
-        _start: u64,
-        _end: u64,
-        _typ: i32,
-        _pid: u32,
-        _sleep: bool,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
         reply: ReplyEmpty,
     ) {
-        // Not negotiated: the kernel keeps file locks itself (see the module docs).
-        reply.error(Errno::ENOSYS);
+        let want = match Want::from_kernel(lock_owner.0, start, end, typ, pid) {
+            Ok(w) => w,
+            Err(e) => return reply.error(e),
+        };
+        if !sleep {
+            return match self.file_locks.set(ino.0, want, filelock::Wait::Try) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
+        // F_SETLKW may wait for long: on a thread of its own, which owns the reply.
+        let (locks, tid) = (self.file_locks.clone(), req.pid());
+        let spawned = std::thread::Builder::new().name("setlkw".into()).spawn(move || {
+            match locks.set(ino.0, want, filelock::Wait::Block { tid }) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+        if let Err(e) = spawned {
+            // The reply went with the closure: dropping it answers EIO.
+            tracing::error!("start a thread for a blocking lock: {e}");
+        }
     }
 
     fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {

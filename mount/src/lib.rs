@@ -22,6 +22,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod filelock;
 pub mod fuse;
 pub mod mounter;
 pub mod notify;

@@ -9,6 +9,7 @@
 //! left behind by the kernel as "Transport endpoint is not connected"; the next mount at
 //! that path detaches it first.
 
+use crate::filelock::FileLocks;
 use crate::fuse::FrangipaniFs;
 use crate::notify::{CoherentCallbacks, Invalidator, REVOKE_WAIT};
 use frangipani::disk::VirtualDisk;
@@ -175,13 +176,14 @@ impl Supervisor {
         clear_stale(dir)?;
         let dir = &dir.canonicalize().map_err(io_err(format!("mount point {}", dir.display())))?;
         let inval = Invalidator::start(REVOKE_WAIT).map_err(io_err("start the invalidation threads"))?;
+        let file_locks = FileLocks::new(locks.clone());
         let locks = Arc::new(inval.track(locks));
         let fs = Frangipani::mount(disk, locks, opts.config.clone()).map_err(|source| MountError::Fs {
             what: format!("mount the file system for {}", dir.display()),
             source,
         })?;
         let fs = Arc::new(fs);
-        let callbacks = Arc::new(CoherentCallbacks::new(fs.callbacks(), inval.clone()));
+        let callbacks = Arc::new(CoherentCallbacks::new(fs.callbacks(), inval.clone(), file_locks.clone()));
         let weak: Weak<CoherentCallbacks> = Arc::downgrade(&callbacks);
         install_callbacks(weak);
 
@@ -200,16 +202,19 @@ impl Supervisor {
         }
         config.n_threads = Some(opts.threads.max(1));
         config.clone_fd = true;
-        let mut session =
-            match fuser::Session::new(FrangipaniFs::new(fs.clone(), inval.clone()), dir, &config) {
-                Ok(s) => s,
-                Err(e) => {
-                    if let Ok(fs) = Arc::try_unwrap(fs) {
-                        let _ = fs.unmount();
-                    }
-                    return Err(MountError::Io { what: format!("mount {}", dir.display()), source: e });
+        let mut session = match fuser::Session::new(
+            FrangipaniFs::new(fs.clone(), inval.clone(), file_locks.clone()),
+            dir,
+            &config,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Ok(fs) = Arc::try_unwrap(fs) {
+                    let _ = fs.unmount();
                 }
-            };
+                return Err(MountError::Io { what: format!("mount {}", dir.display()), source: e });
+            }
+        };
         inval.set_notifier(session.notifier());
         let unmounter = session.unmount_callable();
         tracing::info!(dir = %dir.display(), slot = fs.slot(), "mounted");

@@ -28,6 +28,7 @@
 //! moved by the time they have replied, queue the invalidation again
 //! ([`Invalidator::recheck_inode`], [`Invalidator::recheck_entry`]).
 
+use crate::filelock::FileLocks;
 use frangipani::locks::{LockCallbacks, LockError, LockName, Locks, Mode};
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -334,17 +335,28 @@ impl Locks for TrackedLocks {
 pub struct CoherentCallbacks {
     fs: Weak<dyn LockCallbacks>,
     invalidator: Arc<Invalidator>,
+    file_locks: Arc<FileLocks>,
 }
 
 impl CoherentCallbacks {
-    /// Wraps the file system's callbacks (`Frangipani::callbacks()`).
-    pub fn new(fs: Weak<dyn LockCallbacks>, invalidator: Arc<Invalidator>) -> CoherentCallbacks {
-        CoherentCallbacks { fs, invalidator }
+    /// Wraps the file system's callbacks (`Frangipani::callbacks()`); the revocations of
+    /// file locks go to `file_locks` instead.
+    pub fn new(
+        fs: Weak<dyn LockCallbacks>,
+        invalidator: Arc<Invalidator>,
+        file_locks: Arc<FileLocks>,
+    ) -> CoherentCallbacks {
+        CoherentCallbacks { fs, invalidator, file_locks }
     }
 }
 
 impl LockCallbacks for CoherentCallbacks {
     fn revoke(&self, name: &LockName, wanted: Mode) {
+        if let LockName::FileLocks(ino) = name {
+            // Covers no cached data: only this machine's processes' locks stand in the way.
+            self.file_locks.revoke(*ino, wanted);
+            return;
+        }
         if let Some(fs) = self.fs.upgrade() {
             fs.revoke(name, wanted);
         }
@@ -362,6 +374,7 @@ impl LockCallbacks for CoherentCallbacks {
     }
 
     fn lease_lost(&self) {
+        self.file_locks.close();
         if let Some(fs) = self.fs.upgrade() {
             fs.lease_lost();
         }

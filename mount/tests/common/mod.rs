@@ -273,3 +273,170 @@ pub fn cpath(p: &Path) -> CString {
 pub fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
+
+/// A `flock` command holding a lock on `file` until dropped (its stdin closes), started
+/// with `args` (`-x`, `-s`); returns once it holds the lock.
+pub struct FlockHolder {
+    child: Child,
+}
+
+impl FlockHolder {
+    /// Starts `flock ARGS FILE` holding until dropped; waits until it holds the lock.
+    pub fn start(args: &[&str], file: &Path, scratch: &Path) -> FlockHolder {
+        let ready = scratch.join(format!("flock-ready-{}", std::process::id()));
+        let _ = std::fs::remove_file(&ready);
+        let child = Command::new("flock")
+            .args(args)
+            .arg(file)
+            .arg("-c")
+            .arg(format!("touch {} && cat >/dev/null", ready.display()))
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("start flock");
+        let mut holder = FlockHolder { child };
+        let deadline = Instant::now() + PATIENCE;
+        while !ready.exists() {
+            if let Some(status) = holder.child.try_wait().expect("wait") {
+                panic!("flock {args:?} {} exited with {status}", file.display());
+            }
+            assert!(Instant::now() < deadline, "flock did not take the lock");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(&ready);
+        holder
+    }
+
+    /// Lets the lock go and checks that the holder exited cleanly.
+    pub fn release(mut self) {
+        drop(self.child.stdin.take());
+        let status = wait_for(&mut self.child, PATIENCE).expect("flock holder did not exit");
+        assert!(status.success(), "flock holder exited with {status}");
+    }
+}
+
+impl Drop for FlockHolder {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if wait_for(&mut self.child, Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits up to `patience` for `child` to exit.
+pub fn wait_for(child: &mut Child, patience: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child process killed (by its pid) when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// fcntl(fd, cmd, lock) with a whole-file lock of type `typ`; returns the lock as the
+/// kernel left it, or the errno.
+pub fn fcntl_lock(file: &std::fs::File, cmd: i32, typ: i32) -> Result<libc::flock, i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain data, every field set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = 0;
+    fl.l_len = 0;
+    // SAFETY: a valid fd and a valid flock struct.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
+    if rc == 0 {
+        Ok(fl)
+    } else {
+        Err(errno())
+    }
+}
+
+/// flock and POSIX record locks on `a` and `b`, the same file system mounted on two
+/// machines: each machine's locks hold against the other's, a blocked waiter proceeds
+/// when the holder lets go, and a signal ends a blocked wait.
+pub fn file_locks_hold_across_machines(a: &Path, b: &Path, scratch: &Path) {
+    std::fs::write(a.join("f"), b"locked").unwrap();
+    let try_flock = |dir: &Path| {
+        Command::new("flock").args(["-n", "-x"]).arg(dir.join("f")).arg("true").status().unwrap().success()
+    };
+
+    // flock -x on A: flock -n fails on B, and on A for another open file.
+    let holder = FlockHolder::start(&["-x"], &a.join("f"), scratch);
+    assert!(!try_flock(b), "B took an exclusive flock A holds");
+    assert!(!try_flock(a), "a second open file on A took an exclusive flock A holds");
+    holder.release();
+    assert!(try_flock(b), "B could not take the flock A let go");
+    assert!(try_flock(a), "A could not take the flock back");
+
+    // Shared flocks on both machines at once.
+    let sa = FlockHolder::start(&["-s"], &a.join("f"), scratch);
+    let sb = FlockHolder::start(&["-s"], &b.join("f"), scratch);
+    assert!(!try_flock(a));
+    sa.release();
+    sb.release();
+
+    // A blocked waiter on B proceeds when A lets go.
+    let holder = FlockHolder::start(&["-x"], &a.join("f"), scratch);
+    let got = scratch.join("waiter-got-it");
+    let _ = std::fs::remove_file(&got);
+    let mut waiter = Killed(
+        Command::new("flock")
+            .arg("-x")
+            .arg(b.join("f"))
+            .arg("-c")
+            .arg(format!("touch {}", got.display()))
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(!got.exists() && waiter.0.try_wait().unwrap().is_none(), "the waiter did not wait");
+    holder.release();
+    let status = wait_for(&mut waiter.0, PATIENCE).expect("the waiter still waits after A let go");
+    assert!(status.success() && got.exists(), "waiter: {status}");
+
+    // A signal ends a blocked wait (the kernel would otherwise wait for the lock).
+    let holder = FlockHolder::start(&["-x"], &a.join("f"), scratch);
+    let mut waiter = Killed(Command::new("flock").arg("-x").arg(b.join("f")).arg("true").spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(waiter.0.try_wait().unwrap().is_none(), "the waiter did not wait");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(waiter.0.id() as i32, libc::SIGTERM) };
+    let status = wait_for(&mut waiter.0, Duration::from_secs(5)).expect("a signalled waiter still waits");
+    assert!(!status.success());
+    holder.release();
+
+    // fcntl: a write lock on A; F_SETLK on B fails with EAGAIN, F_GETLK reports a lock.
+    let fa = std::fs::OpenOptions::new().read(true).write(true).open(a.join("f")).unwrap();
+    let fb = std::fs::OpenOptions::new().read(true).write(true).open(b.join("f")).unwrap();
+    fcntl_lock(&fa, libc::F_SETLK, libc::F_WRLCK).expect("F_SETLK on A");
+    assert_eq!(fcntl_lock(&fb, libc::F_SETLK, libc::F_WRLCK).err(), Some(libc::EAGAIN));
+    assert_eq!(fcntl_lock(&fb, libc::F_SETLK, libc::F_RDLCK).err(), Some(libc::EAGAIN));
+    let seen = fcntl_lock(&fb, libc::F_GETLK, libc::F_RDLCK).expect("F_GETLK on B");
+    assert_eq!(seen.l_type, libc::F_WRLCK as i16, "F_GETLK on B did not report A's lock");
+    // Unlocked on A (by F_UNLCK), B takes it; closing B's file lets A take it again.
+    fcntl_lock(&fa, libc::F_SETLK, libc::F_UNLCK).expect("F_UNLCK on A");
+    fcntl_lock(&fb, libc::F_SETLK, libc::F_WRLCK).expect("F_SETLK on B after A unlocked");
+    let seen = fcntl_lock(&fa, libc::F_GETLK, libc::F_WRLCK).expect("F_GETLK on A");
+    assert_ne!(seen.l_type, libc::F_UNLCK as i16);
+    drop(fb);
+    fcntl_lock(&fa, libc::F_SETLK, libc::F_WRLCK).expect("F_SETLK on A after B closed");
+    drop(fa);
+}

@@ -5,9 +5,11 @@
 //!
 //! The tests run one at a time (each starts 6 or 7 processes on a 2-core machine).
 
-mod common;
-
-use common::{flip_bytes, free_ports, gfs_bin, Cluster, Options, CHUNK_BYTES, DEAD_AFTER_MS, LEASE_MS};
+use cluster_tests::gfs::{
+    append_in_background, assert_each_once, flip_bytes, gfs_bin, join_all, read_all, record, wait_acked, Appenders,
+    Cluster, Options, CHUNK_BYTES, DEAD_AFTER_MS, LEASE_MS,
+};
+use cluster_tests::process::free_ports;
 use gfs::client::{Client, ClientConfig, GfsError};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, Write};
@@ -32,97 +34,6 @@ impl Drop for Guard {
     }
 }
 
-fn record(tag: &str, i: usize, len: usize) -> Vec<u8> {
-    let mut r = format!("{tag}-{i}-").into_bytes();
-    r.resize(len, b'a' + (i % 26) as u8);
-    r
-}
-
-/// Reads a whole file through the client; panics on an error.
-async fn read_all(c: &Cluster, path: &str) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    if let Err(e) = c.client().read(path, |_, p| out.push(p.to_vec())).await {
-        panic!("read {path}: {e}\n{}", c.logs());
-    }
-    out
-}
-
-/// Asserts that every acknowledged record was read exactly once, and that everything
-/// read was something appended (intact).
-fn assert_each_once(acked: &[Vec<u8>], sent: &HashSet<Vec<u8>>, read: &[Vec<u8>]) {
-    let mut counts: HashMap<&[u8], usize> = HashMap::new();
-    for r in read {
-        assert!(
-            sent.contains(r),
-            "read a record never appended: {:?}",
-            String::from_utf8_lossy(&r[..r.len().min(40)])
-        );
-        *counts.entry(r).or_default() += 1;
-    }
-    for (r, n) in &counts {
-        assert_eq!(*n, 1, "record {:?} read {n} times", String::from_utf8_lossy(&r[..r.len().min(40)]));
-    }
-    for a in acked {
-        assert!(
-            counts.contains_key(a.as_slice()),
-            "acknowledged record lost: {:?}",
-            String::from_utf8_lossy(&a[..a.len().min(40)])
-        );
-    }
-}
-
-/// Appends running in the background.
-struct Appenders {
-    tasks: tokio::task::JoinSet<Result<(), GfsError>>,
-    /// The records acknowledged so far.
-    acked: Arc<Mutex<Vec<Vec<u8>>>>,
-    /// Every record the tasks will append.
-    sent: HashSet<Vec<u8>>,
-}
-
-/// `tasks` concurrent tasks appending `per_task` records each.
-fn append_in_background(
-    client: Arc<Client>,
-    path: &str,
-    tasks: usize,
-    per_task: usize,
-    len: usize,
-) -> Appenders {
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let mut sent = HashSet::new();
-    let mut set = tokio::task::JoinSet::new();
-    for t in 0..tasks {
-        let records: Vec<Vec<u8>> = (0..per_task).map(|i| record(&format!("t{t}"), i, len)).collect();
-        sent.extend(records.iter().cloned());
-        let (client, acked, path) = (client.clone(), acked.clone(), path.to_string());
-        set.spawn(async move {
-            for r in records {
-                client.append(&path, &r).await?;
-                acked.lock().unwrap().push(r);
-            }
-            Ok(())
-        });
-    }
-    Appenders { tasks: set, acked, sent }
-}
-
-async fn join_all(c: &Cluster, mut set: tokio::task::JoinSet<Result<(), GfsError>>) {
-    while let Some(r) = set.join_next().await {
-        if let Err(e) = r.unwrap() {
-            panic!("append failed: {e}\n{}", c.logs());
-        }
-    }
-}
-
-async fn wait_acked(c: &Cluster, acked: &Arc<Mutex<Vec<Vec<u8>>>>, n: usize) {
-    c.wait_for(&format!("{n} acknowledged appends"), Duration::from_secs(30), || async {
-        (acked.lock().unwrap().len() >= n).then_some(())
-    })
-    .await;
-}
-
-/// Waits until every chunk of `path` that holds data has `copies` live replicas at its
-/// current version, none of them on `excluded`.
 async fn wait_fully_replicated(c: &Cluster, path: &str, copies: usize, excluded: Option<&str>) {
     c.wait_for(&format!("{copies} copies of every chunk of {path}"), Duration::from_secs(40), || async {
         let info = c.client().lookup(path).await.ok()?;

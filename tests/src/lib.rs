@@ -1,1 +1,18 @@
-//! Cross-crate tests with real processes live in `tests/`.
+//! Whole clusters as real processes, for the tests of every crate and for the crash,
+//! partition and power-loss suite in `tests/crash.rs`.
+//!
+//! - [`process`]: child processes killed by their own pid when dropped, free ports, logs.
+//! - [`proxy`]: a TCP proxy in front of a server that can cut a link and heal it.
+//! - [`fuse`]: mount points (stale or not) and whether FUSE is here at all.
+//! - [`servers`]: a Raft group of `petal` or `lockserver` processes; [`gfs`]: a GFS cluster.
+//! - [`frangipani`]: a whole Frangipani cluster: Petal, the lock service and mounts.
+//! - [`report`]: the table a suite prints at its end.
+
+pub mod bins;
+pub mod frangipani;
+pub mod fuse;
+pub mod gfs;
+pub mod process;
+pub mod proxy;
+pub mod report;
+pub mod servers;

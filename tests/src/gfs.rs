@@ -1,46 +1,29 @@
-//! A GFS cluster of real `gfs` processes on 127.0.0.1 for the process tests: 3 masters
-//! and N chunkservers with short timings (20 ms Raft ticks, 200 ms heartbeats, 2 s
-//! leases, 1 MiB chunks). Every process is killed by its pid (SIGKILL) and reaped when
-//! the test ends, pass or fail.
+//! A GFS cluster of real `gfs` processes on 127.0.0.1: 3 masters and N chunkservers with
+//! short timings (20 ms Raft ticks, 200 ms heartbeats, 2 s leases, 1 MiB chunks). Every
+//! process is killed by its pid (SIGKILL) and reaped when the cluster is dropped.
 
-#![allow(dead_code)] // each test binary uses a part
-
-use gfs::client::{Client, ClientConfig};
+use crate::bins::bin;
+use crate::process::{free_addrs, log_errors, log_tails, Proc};
+use gfs::client::{Client, ClientConfig, GfsError};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use gfs::proto::{LookupReply, MasterStatus, ReadRequest};
 use gfs::rpc::Conns;
 use raft::NodeId;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+/// The `gfs` program.
+pub fn gfs_bin() -> PathBuf {
+    bin("gfs")
+}
 
 pub const CHUNK_BYTES: u64 = 1 << 20;
 pub const LEASE_MS: u64 = 2000;
 pub const HEARTBEAT_MS: u64 = 200;
 pub const DEAD_AFTER_MS: u64 = 1500;
-
-/// One process; killed (SIGKILL) and reaped when dropped.
-pub struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Ports the OS picks: bind to port 0, note the port, release it.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-pub fn gfs_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_gfs")
-}
 
 /// Knobs a test may change before starting the cluster.
 #[derive(Clone)]
@@ -70,10 +53,9 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(opts: Options) -> Cluster {
-        let ports = free_ports(3 + opts.chunkservers);
-        let masters =
-            (1..=3u64).map(|i| (NodeId(i), format!("127.0.0.1:{}", ports[i as usize - 1]))).collect();
-        let chunkservers = ports[3..].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut addrs = free_addrs(3 + opts.chunkservers);
+        let chunkservers = addrs.split_off(3);
+        let masters = (1..=3u64).map(NodeId).zip(addrs).collect();
         let mut c = Cluster {
             dir: tempfile::tempdir().unwrap(),
             masters,
@@ -108,26 +90,21 @@ impl Cluster {
         ]
     }
 
-    fn log_file(&mut self, name: &str) -> std::fs::File {
+    fn log_file(&mut self, name: &str) -> PathBuf {
         self.starts += 1;
-        let path = self.dir.path().join(format!("{name}.{}.log", self.starts));
-        std::fs::File::create(path).unwrap()
+        self.dir.path().join(format!("{name}.{}.log", self.starts))
     }
 
     pub fn start_master(&mut self, id: u64) {
         let log = self.log_file(&format!("master{id}"));
-        let child = Command::new(gfs_bin())
-            .args(["master", "--id", &id.to_string(), "--peers", &self.masters_arg(), "--data"])
+        let mut cmd = Command::new(gfs_bin());
+        cmd.args(["master", "--id", &id.to_string(), "--peers", &self.masters_arg(), "--data"])
             .arg(self.dir.path().join(format!("master{id}")))
             .args(self.tuning())
             // Checkpoints often, so restarts and catch-ups go through Raft snapshots.
             .arg("--snapshot-entries=50")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start master");
-        self.master_procs.insert(id, Some(Proc { child }));
+            .env("RUST_LOG", "info");
+        self.master_procs.insert(id, Some(Proc::spawn(format!("master{id}"), cmd, &log)));
     }
 
     pub fn kill_master(&mut self, id: u64) {
@@ -140,8 +117,8 @@ impl Cluster {
 
     pub fn start_chunkserver(&mut self, i: usize) {
         let log = self.log_file(&format!("cs{i}"));
-        let child = Command::new(gfs_bin())
-            .args([
+        let mut cmd = Command::new(gfs_bin());
+        cmd.args([
                 "chunkserver",
                 "--masters",
                 &self.masters_arg(),
@@ -151,12 +128,8 @@ impl Cluster {
             ])
             .arg(self.cs_dir(i))
             .args(self.tuning())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start chunkserver");
-        self.cs_procs[i] = Some(Proc { child });
+            .env("RUST_LOG", "info");
+        self.cs_procs[i] = Some(Proc::spawn(format!("cs{i}"), cmd, &log));
     }
 
     pub fn kill_chunkserver(&mut self, i: usize) {
@@ -242,39 +215,108 @@ impl Cluster {
 
     /// The last lines of every log, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-            .collect();
-        paths.sort();
-        for p in paths {
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(15).collect();
-            out +=
-                &format!("--- {}\n{}\n", p.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-        }
-        out
+        log_tails(self.dir.path(), 15)
     }
 
-    /// Fails the test if any log has an ERROR line not matching one of `allowed`.
+    /// Fails the test if any log has an ERROR line (or a panic) not matching one of `allowed`.
     pub fn assert_no_unexpected_errors(&self, allowed: &[&str]) {
-        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            let p = entry.path();
-            if p.extension().is_none_or(|e| e != "log") {
-                continue;
+        let errors = log_errors(self.dir.path(), allowed);
+        assert!(errors.is_empty(), "unexpected errors:\n{}", errors.join("\n"));
+    }
+}
+
+/// A record of `len` bytes, tagged so that it can be told apart.
+pub fn record(tag: &str, i: usize, len: usize) -> Vec<u8> {
+    let mut r = format!("{tag}-{i}-").into_bytes();
+    r.resize(len, b'a' + (i % 26) as u8);
+    r
+}
+
+/// Reads a whole file through the client; panics on an error.
+pub async fn read_all(c: &Cluster, path: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    if let Err(e) = c.client().read(path, |_, p| out.push(p.to_vec())).await {
+        panic!("read {path}: {e}\n{}", c.logs());
+    }
+    out
+}
+
+/// Asserts that every acknowledged record was read exactly once, and that everything
+/// read was something appended (intact).
+pub fn assert_each_once(acked: &[Vec<u8>], sent: &HashSet<Vec<u8>>, read: &[Vec<u8>]) {
+    let mut counts: HashMap<&[u8], usize> = HashMap::new();
+    for r in read {
+        assert!(
+            sent.contains(r),
+            "read a record never appended: {:?}",
+            String::from_utf8_lossy(&r[..r.len().min(40)])
+        );
+        *counts.entry(r).or_default() += 1;
+    }
+    for (r, n) in &counts {
+        assert_eq!(*n, 1, "record {:?} read {n} times", String::from_utf8_lossy(&r[..r.len().min(40)]));
+    }
+    for a in acked {
+        assert!(
+            counts.contains_key(a.as_slice()),
+            "acknowledged record lost: {:?}",
+            String::from_utf8_lossy(&a[..a.len().min(40)])
+        );
+    }
+}
+
+/// Appends running in the background.
+pub struct Appenders {
+    pub tasks: tokio::task::JoinSet<Result<(), GfsError>>,
+    /// The records acknowledged so far.
+    pub acked: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Every record the tasks will append.
+    pub sent: HashSet<Vec<u8>>,
+}
+
+/// `tasks` concurrent tasks appending `per_task` records each.
+pub fn append_in_background(
+    client: Arc<Client>,
+    path: &str,
+    tasks: usize,
+    per_task: usize,
+    len: usize,
+) -> Appenders {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut sent = HashSet::new();
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let records: Vec<Vec<u8>> = (0..per_task).map(|i| record(&format!("t{t}"), i, len)).collect();
+        sent.extend(records.iter().cloned());
+        let (client, acked, path) = (client.clone(), acked.clone(), path.to_string());
+        set.spawn(async move {
+            for r in records {
+                client.append(&path, &r).await?;
+                acked.lock().unwrap().push(r);
             }
-            for line in std::fs::read_to_string(&p).unwrap_or_default().lines() {
-                if line.contains(" ERROR ") && !allowed.iter().any(|a| line.contains(a)) {
-                    panic!("unexpected error in {}: {line}", p.display());
-                }
-            }
+            Ok(())
+        });
+    }
+    Appenders { tasks: set, acked, sent }
+}
+
+pub async fn join_all(c: &Cluster, mut set: tokio::task::JoinSet<Result<(), GfsError>>) {
+    while let Some(r) = set.join_next().await {
+        if let Err(e) = r.unwrap() {
+            panic!("append failed: {e}\n{}", c.logs());
         }
     }
 }
 
+pub async fn wait_acked(c: &Cluster, acked: &Arc<Mutex<Vec<Vec<u8>>>>, n: usize) {
+    c.wait_for(&format!("{n} acknowledged appends"), Duration::from_secs(30), || async {
+        (acked.lock().unwrap().len() >= n).then_some(())
+    })
+    .await;
+}
+
+/// Waits until every chunk of `path` that holds data has `copies` live replicas at its
+/// current version, none of them on `excluded`.
 /// Flips bytes of a file at `offset`.
 pub fn flip_bytes(path: &Path, offset: u64, len: usize) {
     use std::os::unix::fs::FileExt;

@@ -22,7 +22,9 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod filelock;
 pub mod fuse;
 pub mod mounter;
 pub mod notify;
+pub mod status;

@@ -4,9 +4,15 @@
 //! frangipani up DIR                                  # a local cluster, mounted at DIR
 //! frangipani mkfs  --petal CLUSTER [--disk fs]
 //! frangipani mount DIR --petal CLUSTER --locks CLUSTER [--disk fs]
+//! frangipani umount DIR [--lazy]
 //! frangipani fsck  --petal CLUSTER --locks CLUSTER [--disk fs] [--repair]
 //! frangipani status --petal CLUSTER --locks CLUSTER
+//! frangipani bench DIR [--big-file-size 1G] [--small-files 100] ...
 //! ```
+//!
+//! Every command that talks to a cluster takes its addresses from flags, or from a TOML
+//! file (`--cluster-file FILE` with `petal = "..."`, `locks = "..."`, `disk = "..."`);
+//! flags win, and without either the addresses `up` uses are assumed.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -19,6 +25,7 @@ use frangipani::petal_disk::PetalDisk;
 use frangipani::Frangipani;
 use lockserver::{Clerk, ClerkConfig};
 use mount::mounter::{MountOptions, Signals, Supervisor};
+use mount::status::SessionInfo;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Weak};
@@ -30,17 +37,57 @@ struct Cli {
     command: Cmd,
 }
 
-/// Where the cluster is (for every command that talks to one).
+/// Where the cluster is (for every command that talks to one), as given.
 #[derive(clap::Args, Clone)]
+struct ClusterFlags {
+    /// Petal replicas, ID=HOST:PORT,... [default: the cluster file's, else up's]
+    #[arg(long)]
+    petal: Option<String>,
+    /// Lock servers, ID=HOST:PORT,... [default: the cluster file's, else up's]
+    #[arg(long)]
+    locks: Option<String>,
+    /// The Petal virtual disk holding the file system [default: the cluster file's, else "fs"]
+    #[arg(long)]
+    disk: Option<String>,
+    /// A TOML file with the addresses: petal = "1=HOST:PORT,...", locks = "...", disk = "fs".
+    /// Flags override it.
+    #[arg(long, value_name = "FILE")]
+    cluster_file: Option<PathBuf>,
+}
+
+/// A cluster file's contents.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    petal: Option<String>,
+    locks: Option<String>,
+    disk: Option<String>,
+}
+
+impl ClusterFlags {
+    /// The addresses: flags, else the cluster file, else `up`'s.
+    fn resolve(self) -> anyhow::Result<ClusterArgs> {
+        let file = match &self.cluster_file {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?
+            }
+            None => ClusterFile::default(),
+        };
+        Ok(ClusterArgs {
+            petal: self.petal.or(file.petal).unwrap_or_else(|| UP_PETAL.into()),
+            locks: self.locks.or(file.locks).unwrap_or_else(|| UP_LOCKS.into()),
+            disk: self.disk.or(file.disk).unwrap_or_else(|| "fs".into()),
+        })
+    }
+}
+
+/// Where the cluster is.
+#[derive(Clone)]
 struct ClusterArgs {
-    /// Petal replicas, ID=HOST:PORT,...
-    #[arg(long, default_value = UP_PETAL)]
     petal: String,
-    /// Lock servers, ID=HOST:PORT,...
-    #[arg(long, default_value = UP_LOCKS)]
     locks: String,
-    /// The Petal virtual disk holding the file system.
-    #[arg(long, default_value = "fs")]
     disk: String,
 }
 
@@ -64,30 +111,46 @@ enum Cmd {
     /// Formats the Petal disk (creating it if needed). Destroys what was there.
     Mkfs {
         #[command(flatten)]
-        cluster: ClusterArgs,
+        cluster: ClusterFlags,
     },
-    /// Mounts the file system at DIR until Ctrl-C or SIGTERM.
+    /// Mounts the file system at DIR until Ctrl-C, SIGTERM or `frangipani umount DIR`. A
+    /// stale mount left at DIR by a killed process is cleared first, and its log recovered.
     Mount {
         /// Mount point.
         dir: PathBuf,
         #[command(flatten)]
-        cluster: ClusterArgs,
+        cluster: ClusterFlags,
         #[command(flatten)]
         mount: MountArgs,
+    },
+    /// Unmounts DIR: its mount process writes everything back and lets the mount go (and
+    /// exits once it serves nothing else); a stale mount whose process is gone is detached.
+    Umount {
+        /// Mount point.
+        dir: PathBuf,
+        /// Detach even if busy (open files keep being served until closed).
+        #[arg(long)]
+        lazy: bool,
     },
     /// Checks the file system (run it on a quiet file system); --repair fixes what it can.
     Fsck {
         #[command(flatten)]
-        cluster: ClusterArgs,
+        cluster: ClusterFlags,
         /// Fix link counts, bitmaps and unreachable inodes.
         #[arg(long)]
         repair: bool,
     },
-    /// Shows the health of the Petal group and the lock service.
+    /// Shows this machine's mounts (lock-service session and slot, lease left, cached
+    /// locks, cache and dirty bytes, log use, locked files), then the health and leader of
+    /// the Petal group and of the lock service.
     Status {
         #[command(flatten)]
-        cluster: ClusterArgs,
+        cluster: ClusterFlags,
     },
+    /// Measures a directory (a mount, or any other for comparison), like `juicefs bench`:
+    /// a big file written and read sequentially, small files written and read, and stats;
+    /// shows progress while it runs and a table at the end.
+    Bench(mount::bench::BenchArgs),
     /// Formats a file system in memory and mounts one client of it at each DIR (several
     /// DIRs act as several machines sharing the disk and the lock service), until Ctrl-C
     /// or SIGTERM. For development and tests: nothing survives the process.
@@ -127,6 +190,8 @@ impl MountArgs {
 struct Client {
     disk: Arc<dyn VirtualDisk>,
     locks: Arc<dyn Locks>,
+    /// The lock-service session, for status (none for the in-memory service).
+    session: Option<Arc<dyn SessionInfo>>,
     /// Hands the lock client the callbacks it makes on revocation and recovery.
     install_callbacks: Box<dyn FnOnce(Weak<dyn LockCallbacks>)>,
 }
@@ -156,6 +221,7 @@ impl Backend {
                 Ok(Client {
                     disk: disk.clone(),
                     locks: lock_client,
+                    session: None,
                     install_callbacks: Box::new(move |cb| for_callbacks.set_callbacks(cb)),
                 })
             }
@@ -165,6 +231,7 @@ impl Backend {
                 Ok(Client {
                     disk,
                     locks: locks.clone(),
+                    session: Some(locks.clone()),
                     install_callbacks: Box::new(move |cb| locks.bridge.set(cb)),
                 })
             }
@@ -184,13 +251,8 @@ fn serve(signals: Signals, backend: &Backend, dirs: &[PathBuf], args: &MountArgs
     let mut supervisor = Supervisor::new(signals).context("start the signal thread")?;
     for (n, dir) in dirs.iter().enumerate() {
         let client = backend.client(n as u32)?;
-        supervisor.mount(
-            client.disk,
-            client.locks,
-            client.install_callbacks,
-            dir,
-            &args.options(backend.name()),
-        )?;
+        let options = MountOptions { session: client.session, ..args.options(backend.name()) };
+        supervisor.mount(client.disk, client.locks, client.install_callbacks, dir, &options)?;
     }
     supervisor.run()?;
     Ok(())
@@ -214,6 +276,15 @@ impl Locks for ClusterLocks {
     }
     fn lease_expiry_ms(&self) -> Option<u64> {
         self.locks.lease_expiry_ms()
+    }
+}
+
+impl SessionInfo for ClusterLocks {
+    fn session(&self) -> String {
+        self.locks.clerk().session().to_string()
+    }
+    fn cached_locks(&self) -> usize {
+        self.locks.clerk().cached_count()
     }
 }
 
@@ -283,6 +354,29 @@ fn fsck(args: &ClusterArgs, repair: bool) -> anyhow::Result<bool> {
 }
 
 fn status(args: &ClusterArgs) -> anyhow::Result<()> {
+    let mounts = mount::status::local_mounts();
+    println!("mounts on this machine ({}):", mount::status::run_dir().display());
+    if mounts.is_empty() {
+        println!("  none");
+    }
+    for m in &mounts {
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        println!("  {} (pid {})", m.dir.display(), m.pid);
+        println!(
+            "    lock service: session {}, slot {}, lease left {}, cached locks {}",
+            m.session,
+            m.slot,
+            or_dash(m.lease_left_ms.map(|ms| format!("{:.1} s", ms as f64 / 1000.0))),
+            or_dash(m.cached_locks.map(|n| n.to_string())),
+        );
+        println!(
+            "    cache: {} ({} dirty); log {:.1}% used; files with locks held: {}",
+            mount::bench::human_bytes(m.cache_bytes),
+            mount::bench::human_bytes(m.dirty_bytes),
+            m.log_used_percent,
+            m.locked_files,
+        );
+    }
     // The services' own status commands say it best: run them.
     for (program, title, addrs) in
         [("petal", "Petal group", &args.petal), ("lockserver", "lock service", &args.locks)]
@@ -299,6 +393,47 @@ fn status(args: &ClusterArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Unmounts `dir` (see `Cmd::Umount`), then waits for its process to write back.
+fn umount(dir: &std::path::Path, lazy: bool) -> anyhow::Result<()> {
+    let dir = std::path::absolute(dir).with_context(|| format!("resolve {}", dir.display()))?;
+    if mount::mounter::clear_stale(&dir)? {
+        println!("frangipani: {} was stale (its process is gone): detached", dir.display());
+        return Ok(());
+    }
+    let dir = dir.canonicalize().with_context(|| format!("resolve {}", dir.display()))?;
+    let server = mount::status::local_mounts().into_iter().find(|m| m.dir == dir).map(|m| m.pid);
+    match mount::mounter::unmount(&dir) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) && lazy => {
+            mount::mounter::detach(&dir).with_context(|| format!("detach {}", dir.display()))?;
+            println!("frangipani: {} is busy: detached (served until its files are closed)", dir.display());
+            return Ok(());
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            anyhow::bail!("{} is busy (--lazy detaches it anyway)", dir.display())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => anyhow::bail!("{} is not mounted", dir.display()),
+        other => other.with_context(|| format!("unmount {}", dir.display()))?,
+    }
+    // The mount process writes back once its session ends; wait until it says it is done.
+    if let Some(pid) = server {
+        let deadline = std::time::Instant::now() + UMOUNT_WAIT;
+        while mount::status::local_mounts().iter().any(|m| m.dir == dir && m.pid == pid) {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "unmounted {}, but process {pid} has not written back within {UMOUNT_WAIT:?}",
+                    dir.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    println!("frangipani: unmounted {}", dir.display());
+    Ok(())
+}
+
+/// How long `umount` waits for the mount process to write back.
+const UMOUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// A program installed beside this one (the workspace's binaries share a directory).
 fn sibling(program: &str) -> anyhow::Result<PathBuf> {
@@ -366,19 +501,21 @@ fn run(cli: Cli, signals: Signals) -> anyhow::Result<()> {
     match cli.command {
         Cmd::MountMemory { dirs, mount } => serve(signals, &Backend::memory()?, &dirs, &mount),
         Cmd::Up { dir, data, mount } => up(signals, dir, data, mount),
-        Cmd::Mkfs { cluster } => mkfs_cluster(&cluster),
+        Cmd::Mkfs { cluster } => mkfs_cluster(&cluster.resolve()?),
         Cmd::Mount { dir, cluster, mount } => {
-            let backend = Backend::Cluster { args: cluster, runtime: runtime()? };
+            let backend = Backend::Cluster { args: cluster.resolve()?, runtime: runtime()? };
             serve(signals, &backend, &[dir], &mount)
         }
+        Cmd::Umount { dir, lazy } => umount(&dir, lazy),
         Cmd::Fsck { cluster, repair } => {
-            if fsck(&cluster, repair)? || repair {
+            if fsck(&cluster.resolve()?, repair)? || repair {
                 Ok(())
             } else {
                 anyhow::bail!("the file system has problems (run with --repair to fix them)")
             }
         }
-        Cmd::Status { cluster } => status(&cluster),
+        Cmd::Status { cluster } => status(&cluster.resolve()?),
+        Cmd::Bench(args) => mount::bench::run(&args),
     }
 }
 

@@ -12,6 +12,7 @@
 use crate::filelock::FileLocks;
 use crate::fuse::FrangipaniFs;
 use crate::notify::{CoherentCallbacks, Invalidator, REVOKE_WAIT};
+use crate::status::{Endpoint, Entry, Registry, SessionInfo};
 use frangipani::disk::VirtualDisk;
 use frangipani::locks::{LockCallbacks, Locks};
 use frangipani::{Frangipani, FsError};
@@ -55,7 +56,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MountError {
 }
 
 /// How to mount.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MountOptions {
     /// Shown as the source in the mount table.
     pub fsname: String,
@@ -66,6 +67,19 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// The file system client's settings.
     pub config: frangipani::Config,
+    /// What the lock client says of its session, for the status endpoint.
+    pub session: Option<Arc<dyn SessionInfo>>,
+}
+
+impl std::fmt::Debug for MountOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountOptions")
+            .field("fsname", &self.fsname)
+            .field("threads", &self.threads)
+            .field("allow_other", &self.allow_other)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for MountOptions {
@@ -75,6 +89,7 @@ impl Default for MountOptions {
             threads: 8,
             allow_other: true,
             config: frangipani::Config::default(),
+            session: None,
         }
     }
 }
@@ -125,7 +140,8 @@ enum Event {
 /// One mounted client.
 struct Mounted {
     dir: PathBuf,
-    fs: Arc<Frangipani>,
+    /// Taken once written back.
+    fs: Option<Arc<Frangipani>>,
     /// Held so the lock client's weak reference stays good while mounted.
     _callbacks: Arc<CoherentCallbacks>,
     session: Option<JoinHandle<()>>,
@@ -139,6 +155,12 @@ pub struct Supervisor {
     events: Sender<Event>,
     inbox: Receiver<Event>,
     mounts: Vec<Mounted>,
+    /// What the status endpoint reports.
+    registry: Registry,
+    /// Started with the first mount.
+    endpoint: Option<Endpoint>,
+    /// The first write-back that failed.
+    failed: Option<MountError>,
 }
 
 impl Supervisor {
@@ -159,7 +181,14 @@ impl Supervisor {
                 }
             }
         })?;
-        Ok(Supervisor { events, inbox, mounts: Vec::new() })
+        Ok(Supervisor {
+            events,
+            inbox,
+            mounts: Vec::new(),
+            registry: Registry::default(),
+            endpoint: None,
+            failed: None,
+        })
     }
 
     /// Mounts a client of the file system on `disk` at `dir`, taking locks from `locks`,
@@ -177,6 +206,7 @@ impl Supervisor {
         let dir = &dir.canonicalize().map_err(io_err(format!("mount point {}", dir.display())))?;
         let inval = Invalidator::start(REVOKE_WAIT).map_err(io_err("start the invalidation threads"))?;
         let file_locks = FileLocks::new(locks.clone());
+        let raw_locks = locks.clone();
         let locks = Arc::new(inval.track(locks));
         let fs = Frangipani::mount(disk, locks, opts.config.clone()).map_err(|source| MountError::Fs {
             what: format!("mount the file system for {}", dir.display()),
@@ -228,9 +258,22 @@ impl Supervisor {
                 let _ = events.send(Event::Ended(index, result));
             })
             .map_err(io_err("start the session thread"))?;
+        lock(&self.registry).push(Entry {
+            dir: dir.to_path_buf(),
+            fs: Arc::downgrade(&fs),
+            locks: raw_locks,
+            session: opts.session.clone(),
+            file_locks,
+        });
+        if self.endpoint.is_none() {
+            match Endpoint::start(self.registry.clone()) {
+                Ok(e) => self.endpoint = Some(e),
+                Err(e) => tracing::warn!("no status endpoint: {e}"),
+            }
+        }
         self.mounts.push(Mounted {
             dir: dir.to_path_buf(),
-            fs,
+            fs: Some(fs),
             _callbacks: callbacks,
             session: Some(thread),
             unmounter,
@@ -278,6 +321,7 @@ impl Supervisor {
         }
     }
 
+    /// A session ended: the client is written back at once (and leaves the status).
     fn ended(&mut self, i: usize, result: io::Result<()>) {
         let m = &mut self.mounts[i];
         m.ended = true;
@@ -285,37 +329,53 @@ impl Supervisor {
             Ok(()) => tracing::info!(dir = %m.dir.display(), "unmounted"),
             Err(e) => tracing::error!(dir = %m.dir.display(), "session failed: {e}"),
         }
+        if let Err(e) = self.write_back(i) {
+            self.failed.get_or_insert(e);
+        }
     }
 
-    /// Writes every client back: an ended one fully (its session joined), one still
-    /// serving (busy, detached) by a sync.
-    fn finish(&mut self) -> Result<(), MountError> {
-        let mut first_error = None;
-        for m in std::mem::take(&mut self.mounts) {
-            let result = if m.ended {
-                if let Some(t) = m.session {
-                    let _ = t.join();
-                }
-                match Arc::try_unwrap(m.fs) {
-                    Ok(fs) => fs.unmount(),
-                    Err(fs) => {
-                        tracing::warn!(dir = %m.dir.display(), "file system still referenced: syncing only");
-                        fs.sync()
-                    }
-                }
-            } else {
-                m.fs.sync()
-            };
-            if result.is_ok() {
-                tracing::info!(dir = %m.dir.display(), "written back");
+    /// Writes client `i` back: fully if its session ended (joined first), by a sync if
+    /// it still serves (busy, detached).
+    fn write_back(&mut self, i: usize) -> Result<(), MountError> {
+        let m = &mut self.mounts[i];
+        let Some(fs) = m.fs.take() else { return Ok(()) };
+        let result = if m.ended {
+            if let Some(t) = m.session.take() {
+                let _ = t.join();
             }
-            if let Err(source) = result {
+            lock(&self.registry).retain(|e| e.dir != m.dir);
+            match Arc::try_unwrap(fs) {
+                Ok(fs) => fs.unmount(),
+                Err(fs) => {
+                    tracing::warn!(dir = %m.dir.display(), "file system still referenced: syncing only");
+                    fs.sync()
+                }
+            }
+        } else {
+            fs.sync()
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(dir = %m.dir.display(), "written back");
+                Ok(())
+            }
+            Err(source) => {
                 tracing::error!(dir = %m.dir.display(), "write-back at unmount: {source}");
-                let what = format!("write back {} at unmount", m.dir.display());
-                first_error.get_or_insert(MountError::Fs { what, source });
+                Err(MountError::Fs { what: format!("write back {} at unmount", m.dir.display()), source })
             }
         }
-        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Writes every client back that is not yet, and reports the first failure.
+    fn finish(&mut self) -> Result<(), MountError> {
+        for i in 0..self.mounts.len() {
+            if let Err(e) = self.write_back(i) {
+                self.failed.get_or_insert(e);
+            }
+        }
+        self.mounts.clear();
+        self.endpoint = None;
+        self.failed.take().map_or(Ok(()), Err)
     }
 }
 
@@ -339,6 +399,10 @@ impl Drop for Supervisor {
         }
         let _ = self.finish();
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn is_root() -> bool {
@@ -369,6 +433,16 @@ fn fusermount(args: &[&str], dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Unmounts `dir` (EBUSY if it is in use); its FUSE session then ends, and the process
+/// serving it writes back.
+pub fn unmount(dir: &Path) -> io::Result<()> {
+    if is_root() {
+        umount2(dir, 0)
+    } else {
+        fusermount(&["-u"], dir)
+    }
+}
+
 /// Detaches the mount at `dir` lazily: it leaves the namespace now, and the kernel ends
 /// its session once the last user lets go.
 pub fn detach(dir: &Path) -> io::Result<()> {
@@ -380,14 +454,27 @@ pub fn detach(dir: &Path) -> io::Result<()> {
 }
 
 /// Detaches a mount left behind by a dead process at `dir`, if there is one. Returns
-/// whether there was.
+/// whether there was. Asks with statfs(2), which the kernel always passes to the file
+/// system (a stat may be answered from cached attributes).
 pub fn clear_stale(dir: &Path) -> Result<bool, MountError> {
-    match std::fs::metadata(dir) {
+    match statfs(dir) {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) => {
             tracing::warn!(dir = %dir.display(), "clearing a stale mount ({e})");
             detach(dir).map_err(io_err(format!("detach stale mount {}", dir.display())))?;
             Ok(true)
         }
         _ => Ok(false),
+    }
+}
+
+fn statfs(dir: &Path) -> io::Result<()> {
+    let path = c_path(dir)?;
+    // SAFETY: plain data, filled in by statfs(2).
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statfs(path.as_ptr(), &mut buf) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

@@ -134,19 +134,26 @@ impl Cache {
 
     /// Drops every sector under `lock` (they must be clean).
     pub fn drop_lock(&mut self, lock: &LockName) {
+        let dirty = self.discard_lock(lock);
+        debug_assert!(dirty == 0, "dropped {dirty} dirty sectors of {lock}");
+    }
+
+    /// Drops every sector and page under `lock`, dirty or not (their write-back failed and
+    /// the lock must go); returns how many dirty sectors were lost.
+    pub fn discard_lock(&mut self, lock: &LockName) -> usize {
+        let mut dirty = 0;
         if let Some(addrs) = self.meta_by_lock.remove(lock) {
             for addr in addrs {
-                debug_assert!(
-                    self.meta.get(&addr).is_none_or(|e| e.dirty_seq.is_none()),
-                    "dropping dirty {addr}"
-                );
-                self.meta.remove(&addr);
+                if self.meta.remove(&addr).is_some_and(|e| e.dirty_seq.is_some()) {
+                    dirty += 1;
+                }
                 self.meta_lru.pop(&addr);
             }
         }
         if let LockName::Inode(ino) = lock {
             self.drop_data(*ino);
         }
+        dirty
     }
 
     /// Removes every cached sector whose address lies in one of `ranges` (start, len):

@@ -5,7 +5,7 @@ use crate::locks::{LockCallbacks, LockError, LockName, Locks, Mode};
 use lockserver::{Callbacks, Clerk, ClerkError, LockGuard, SessionId, Slot};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 fn to_service(mode: Mode) -> lockserver::Mode {
     match mode {
@@ -57,11 +57,21 @@ impl Locks for ClerkLocks {
     }
 
     fn lease_expiry_ms(&self) -> Option<u64> {
-        self.clerk
-            .lease_expiry()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as u64)
+        Some(fence_ms(self.clerk.lease_expiry()))
     }
+}
+
+/// The expiry a lost lease reports: a time long past, so Petal refuses every write that
+/// carries it whatever the clocks say (0 would mean "not fenced").
+const LOST_LEASE_EXPIRY_MS: u64 = 1;
+
+/// The expiry to stamp on writes, given the clerk's (`None` once the lease is lost).
+/// Never `None` itself: Petal does not fence a write without an expiry, and a client whose
+/// lease is lost is exactly the one whose writes must be refused.
+fn fence_ms(expiry: Option<SystemTime>) -> u64 {
+    expiry
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(LOST_LEASE_EXPIRY_MS, |d| (d.as_millis() as u64).max(LOST_LEASE_EXPIRY_MS))
 }
 
 /// Hands the clerk's callbacks to the file system once it is mounted (the clerk must
@@ -110,5 +120,21 @@ impl Callbacks for CallbackBridge {
         if let Some(fs) = self.fs() {
             fs.lease_lost();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_lost_lease_still_fences_every_write() {
+        // The clerk reports no expiry once the lease is lost; a write must then carry one
+        // long past, never none (which Petal would not fence at all).
+        assert_eq!(fence_ms(None), LOST_LEASE_EXPIRY_MS);
+        assert_eq!(fence_ms(Some(UNIX_EPOCH)), LOST_LEASE_EXPIRY_MS);
+        let live = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(fence_ms(Some(live)), 1_700_000_000_123);
     }
 }

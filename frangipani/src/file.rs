@@ -300,7 +300,7 @@ impl Frangipani {
             p += 1;
         }
         for (addr, len) in decommit {
-            self.inner.disk.decommit(addr, len, self.inner.locks.lease_expiry_ms())?;
+            self.inner.disk.decommit(addr, len, self.inner.lease_expiry()?)?;
         }
         Ok(())
     }

@@ -86,8 +86,15 @@ impl Inner {
         self.lease_lost.load(Ordering::SeqCst)
     }
 
-    fn lease_expiry(&self) -> Option<u64> {
-        self.locks.lease_expiry_ms()
+    /// The lease expiry every disk write of this client carries, so that Petal refuses it
+    /// once the lease has run out. Refused here once the lease is known lost: by then
+    /// another client may have recovered our log and changed what our cache covers, so
+    /// nothing in the cache may reach the disk any more (write-back, log, decommits).
+    pub(crate) fn lease_expiry(&self) -> FsResult<Option<u64>> {
+        if self.lease_lost() {
+            return Err(FsError::LeaseLost);
+        }
+        Ok(self.locks.lease_expiry_ms())
     }
 
     pub(crate) fn preferred_segment(&self, b: Bitmap) -> u64 {
@@ -119,7 +126,7 @@ impl Inner {
                 Bitmap::Small => (layout::small_block_addr(unit), layout::SMALL_BLOCK_BYTES),
                 _ => (layout::large_block_addr(unit), layout::LARGE_BLOCK_BYTES),
             };
-            self.disk.decommit(addr, len, self.lease_expiry())?;
+            self.disk.decommit(addr, len, self.lease_expiry()?)?;
             pending.remove(&(b, unit));
         }
         Ok(())
@@ -135,7 +142,7 @@ impl Inner {
         let taken = lock(&self.cache).take_meta_ranges(ranges);
         for (addr, sector, dirty) in taken {
             if dirty {
-                self.disk.write(addr, sector.bytes(), self.lease_expiry())?;
+                self.disk.write(addr, sector.bytes(), self.lease_expiry()?)?;
             }
         }
         Ok(())
@@ -212,8 +219,9 @@ impl Inner {
 
     /// Group-commits the log.
     pub(crate) fn flush_log(&self) -> FsResult<u64> {
+        let lease = self.lease_expiry()?;
         let mut wal = lock(&self.wal);
-        wal.flush(self.disk.as_ref(), self.lease_expiry()).map_err(wal_error)
+        wal.flush(self.disk.as_ref(), lease).map_err(wal_error)
     }
 
     /// Writes back dirty metadata (under `lock_name`, or all) whose records are durable up
@@ -242,7 +250,7 @@ impl Inner {
             for (_, sector) in &dirty[i..j] {
                 buf.extend_from_slice(sector.bytes());
             }
-            self.disk.write(dirty[i].0, &buf, self.lease_expiry())?;
+            self.disk.write(dirty[i].0, &buf, self.lease_expiry()?)?;
             let mut cache = lock(&self.cache);
             for (addr, sector) in &dirty[i..j] {
                 cache.meta_written(*addr, sector.version());
@@ -279,7 +287,7 @@ impl Inner {
             for (_, _, bytes) in &pages[i..j] {
                 buf.extend_from_slice(&bytes[..]);
             }
-            self.disk.write(addr, &buf, self.lease_expiry())?;
+            self.disk.write(addr, &buf, self.lease_expiry()?)?;
             let mut cache = lock(&self.cache);
             for (ino, page, bytes) in &pages[i..j] {
                 cache.page_written(*ino, *page, bytes);
@@ -349,7 +357,7 @@ impl Inner {
             if let Some(bytes) = dirty {
                 let inode = self.cached_inode(ino)?;
                 if let Some(addr) = page_addr(&inode, page) {
-                    self.disk.write(addr, &bytes[..], self.lease_expiry())?;
+                    self.disk.write(addr, &bytes[..], self.lease_expiry()?)?;
                 }
             }
             lock(&self.cache).forget_page(ino, page);
@@ -380,18 +388,24 @@ fn wal_error(e: wal::WalError) -> FsError {
 impl LockCallbacks for Inner {
     fn revoke(&self, name: &LockName, wanted: Mode) {
         let _wb = lock(&self.writeback);
-        if let Err(e) = self.write_back_locked(Some(name)) {
-            // Nothing else can be done: the lock must go. Recovery of our log (if we
-            // crash) or the next writer sees the last durable state.
-            tracing::error!(lock = %name, "write-back on revoke failed: {e}");
-        }
-        if wanted == Mode::Exclusive {
-            lock(&self.cache).drop_lock(name);
+        match self.write_back_locked(Some(name)) {
+            Ok(()) if wanted == Mode::Exclusive => lock(&self.cache).drop_lock(name),
+            Ok(()) => {}
+            Err(e) => {
+                // Nothing else can be done: the lock must go, and if it goes for good, what
+                // stayed dirty (all of it, once the lease is lost) goes with it. Recovery of
+                // our log (if we crash) or the next writer sees the last durable state.
+                let lost = if wanted == Mode::Exclusive { lock(&self.cache).discard_lock(name) } else { 0 };
+                tracing::error!(lock = %name, dirty_sectors_lost = lost, "write-back on revoke failed: {e}");
+            }
         }
     }
 
     fn recover(&self, slot: u32) -> Result<(), String> {
-        match crate::recovery::recover_slot(self.disk.as_ref(), &self.params, slot, self.lease_expiry()) {
+        let recovered = self
+            .lease_expiry()
+            .and_then(|lease| crate::recovery::recover_slot(self.disk.as_ref(), &self.params, slot, lease));
+        match recovered {
             Ok(_) => Ok(()),
             Err(e) => {
                 tracing::error!(slot, "recovery failed: {e}");

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 
 /// Shared (read) or exclusive (write).
@@ -94,7 +95,9 @@ pub trait Locks: Send + Sync {
     fn release(&self, name: &LockName, mode: Mode);
     /// The client's log slot, given by the service with its session.
     fn slot(&self) -> u32;
-    /// When the client's lease expires (unix ms), for Petal's fencing; None if unknown.
+    /// When the client's lease expires (unix ms), carried by every disk write for Petal's
+    /// fencing. `None` only from a service without leases (the in-memory one): a write
+    /// without an expiry is never fenced, so a lost lease reports a time already past.
     fn lease_expiry_ms(&self) -> Option<u64>;
 }
 
@@ -132,6 +135,8 @@ pub struct MemLockClient {
     local: Mutex<HashMap<LockName, Local>>,
     changed: Condvar,
     callbacks: OnceLock<Weak<dyn LockCallbacks>>,
+    /// Set once the lease is lost: nothing more is granted.
+    lost: AtomicBool,
 }
 
 #[derive(Default, Debug)]
@@ -168,6 +173,7 @@ impl MemLockService {
             local: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
             callbacks: OnceLock::new(),
+            lost: AtomicBool::new(false),
         });
         lock(&self.clients).insert(id, Arc::downgrade(&c));
         c
@@ -177,6 +183,22 @@ impl MemLockService {
     /// [`MemLockService::free_dead`] after its log is recovered.
     pub fn crash(&self, client: &MemLockClient) {
         lock(&self.clients).remove(&client.id);
+    }
+
+    /// A client's lease ran out (it was cut off from the service). As after a crash, its
+    /// locks stay held until [`MemLockService::free_dead`] after its log is recovered; but
+    /// the client lives on: it is told ([`LockCallbacks::lease_lost`]) and its requests fail.
+    pub fn expire(&self, client: &MemLockClient) {
+        self.crash(client);
+        {
+            // Under the client's lock, so no waiter misses it.
+            let _local = lock(&client.local);
+            client.lost.store(true, Ordering::SeqCst);
+            client.changed.notify_all();
+        }
+        if let Some(cb) = client.callbacks.get().and_then(Weak::upgrade) {
+            cb.lease_lost();
+        }
     }
 
     /// Frees the locks of a dead client whose log has been recovered.
@@ -283,6 +305,9 @@ impl Locks for MemLockClient {
     fn acquire(&self, name: &LockName, mode: Mode) -> Result<(), LockError> {
         let mut local = lock(&self.local);
         loop {
+            if self.lost.load(Ordering::SeqCst) {
+                return Err(LockError::LeaseLost);
+            }
             let st = local.entry(name.clone()).or_default();
             let free = match mode {
                 Mode::Shared => !st.writer,

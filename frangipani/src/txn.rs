@@ -77,11 +77,6 @@ impl<'a> Txn<'a> {
         }
     }
 
-    /// The lease expiry this client's disk writes carry (for Petal's fencing).
-    fn lease(&self) -> Option<u64> {
-        self.fs.locks.lease_expiry_ms()
-    }
-
     /// Takes `name` in `mode` (a no-op if already held in a covering mode).
     pub(crate) fn lock(&mut self, name: LockName, mode: Mode) -> FsResult<()> {
         if self.held.iter().any(|(n, m)| *n == name && m.covers(mode)) {
@@ -299,10 +294,14 @@ impl<'a> Txn<'a> {
                 }
             }
             (Bitmap::Small, _) => {
-                self.fs.disk.decommit(layout::small_block_addr(n), SMALL_BLOCK_BYTES, self.lease())?
+                let lease = self.fs.lease_expiry()?;
+                self.fs.disk.decommit(layout::small_block_addr(n), SMALL_BLOCK_BYTES, lease)?
             }
             (_, Pool::Meta) => {}
-            _ => self.fs.disk.decommit(layout::large_block_addr(n), LARGE_BLOCK_BYTES, self.lease())?,
+            _ => {
+                let lease = self.fs.lease_expiry()?;
+                self.fs.disk.decommit(layout::large_block_addr(n), LARGE_BLOCK_BYTES, lease)?
+            }
         }
         Ok(n + 1)
     }

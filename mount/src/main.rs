@@ -105,6 +105,10 @@ enum Cmd {
         /// Where the cluster keeps its data (default: DIR's path with ".frangipani" added).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// The lock service's lease: how long a crashed client's locks stay held before
+        /// another client recovers its log.
+        #[arg(long, default_value_t = 30_000)]
+        lease_ms: u64,
         #[command(flatten)]
         mount: MountArgs,
     },
@@ -456,15 +460,20 @@ impl Drop for Children {
 }
 
 /// Starts 3 Petal replicas and 3 lock servers beside this executable's siblings.
-fn start_cluster(data: &std::path::Path) -> anyhow::Result<Children> {
+fn start_cluster(data: &std::path::Path, lease_ms: u64) -> anyhow::Result<Children> {
     std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
     let mut children = Children(Vec::new());
     for (program, peers, kind) in [("petal", UP_PETAL, "petal"), ("lockserver", UP_LOCKS, "locks")] {
         for id in 1..=3 {
             let log = std::fs::File::create(data.join(format!("{kind}{id}.log")))?;
-            let child = std::process::Command::new(sibling(program)?)
+            let mut command = std::process::Command::new(sibling(program)?);
+            command
                 .args(["serve", "--id", &id.to_string(), "--peers", peers, "--data"])
-                .arg(data.join(format!("{kind}{id}")))
+                .arg(data.join(format!("{kind}{id}")));
+            if program == "lockserver" {
+                command.args(["--lease-ms", &lease_ms.to_string()]);
+            }
+            let child = command
                 .stdout(std::process::Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -475,13 +484,19 @@ fn start_cluster(data: &std::path::Path) -> anyhow::Result<Children> {
     Ok(children)
 }
 
-fn up(signals: Signals, dir: PathBuf, data: Option<PathBuf>, mount: MountArgs) -> anyhow::Result<()> {
+fn up(
+    signals: Signals,
+    dir: PathBuf,
+    data: Option<PathBuf>,
+    lease_ms: u64,
+    mount: MountArgs,
+) -> anyhow::Result<()> {
     let data = data.unwrap_or_else(|| {
         let mut d = dir.clone().into_os_string();
         d.push(".frangipani");
         PathBuf::from(d)
     });
-    let children = start_cluster(&data)?;
+    let children = start_cluster(&data, lease_ms)?;
     let args = ClusterArgs { petal: UP_PETAL.into(), locks: UP_LOCKS.into(), disk: "fs".into() };
     // The groups elect leaders within a few seconds; the clients retry until then.
     if !formatted(&args)? {
@@ -500,7 +515,7 @@ fn up(signals: Signals, dir: PathBuf, data: Option<PathBuf>, mount: MountArgs) -
 fn run(cli: Cli, signals: Signals) -> anyhow::Result<()> {
     match cli.command {
         Cmd::MountMemory { dirs, mount } => serve(signals, &Backend::memory()?, &dirs, &mount),
-        Cmd::Up { dir, data, mount } => up(signals, dir, data, mount),
+        Cmd::Up { dir, data, lease_ms, mount } => up(signals, dir, data, lease_ms, mount),
         Cmd::Mkfs { cluster } => mkfs_cluster(&cluster.resolve()?),
         Cmd::Mount { dir, cluster, mount } => {
             let backend = Backend::Cluster { args: cluster.resolve()?, runtime: runtime()? };

@@ -86,8 +86,9 @@ impl Mount {
             .expect("start frangipani mount-memory");
         self.child = Some(child);
         let deadline = Instant::now() + PATIENCE;
-        // Mounted, and served (a stale mount left by a killed process is listed too).
-        while !self.dirs.iter().all(|d| is_mounted(d) && std::fs::metadata(d).is_ok()) {
+        // Mounted, and served (a stale mount left by a killed process is listed too, and
+        // a stat may be answered from cached attributes; statfs always asks the server).
+        while !self.dirs.iter().all(|d| is_mounted(d) && statfs_ok(d)) {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
                 panic!("mount-memory exited with {status} before mounting:\n{}", self.log());
@@ -221,6 +222,15 @@ fn unescape(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Whether statfs(2) on `dir` succeeds.
+pub fn statfs_ok(dir: &Path) -> bool {
+    let c = cpath(dir);
+    // SAFETY: plain data, filled in by statfs(2).
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut buf) == 0 }
 }
 
 /// Lazily detaches whatever is mounted at `dir`.

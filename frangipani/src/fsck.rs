@@ -164,11 +164,11 @@ impl Frangipani {
         let p = self.inner.params.clone();
         let (inode_bits, small_bits, large_bits) = {
             let mut txn = Txn::new(&self.inner);
-            for b in [Bitmap::Inodes, Bitmap::Small, Bitmap::Large] {
-                for seg in 0..p.segments(b) {
-                    txn.lock(LockName::Segment(b as u8, seg), Mode::Shared)?;
-                }
-            }
+            let segments = [Bitmap::Inodes, Bitmap::Small, Bitmap::Large]
+                .into_iter()
+                .flat_map(|b| (0..p.segments(b)).map(move |seg| LockName::Segment(b as u8, seg)))
+                .collect();
+            txn.lock_many(segments, Mode::Shared)?;
             (
                 self.inner.bitmap_snapshot(Bitmap::Inodes)?,
                 self.inner.bitmap_snapshot(Bitmap::Small)?,

@@ -11,7 +11,7 @@ use crate::layout::{
     self, Bitmap, BITS_PER_SECTOR, BITS_PER_SEGMENT, LARGE_BLOCK_BYTES, SEGMENT_SECTORS, SMALL_BLOCK_BYTES,
     SMALL_LIMIT,
 };
-use crate::locks::{LockName, Mode};
+use crate::locks::{LockError, LockName, Mode};
 use crate::sector::{Sector, PAYLOAD_BYTES, SECTOR_BYTES};
 use crate::wal::SectorUpdate;
 use std::collections::BTreeMap;
@@ -91,6 +91,55 @@ impl<'a> Txn<'a> {
         }
         self.held.push((name, mode));
         Ok(())
+    }
+
+    /// Takes many locks in `mode` at once, several requests in flight (fsck takes every
+    /// bitmap segment: one at a time, that is thousands of lock-service round trips).
+    pub(crate) fn lock_many(&mut self, names: Vec<LockName>, mode: Mode) -> FsResult<()> {
+        const IN_FLIGHT: usize = 32;
+        let wanted: Vec<LockName> = names
+            .into_iter()
+            .filter(|n| {
+                *n != LockName::Slot(self.fs.slot) && !self.held.iter().any(|(h, m)| h == n && m.covers(mode))
+            })
+            .collect();
+        if mode == Mode::Exclusive && self.fs.lease_lost() {
+            return Err(FsError::LeaseLost);
+        }
+        let locks = &self.fs.locks;
+        let results: Vec<(LockName, Result<(), LockError>)> = std::thread::scope(|scope| {
+            let chunk = wanted.len().div_ceil(IN_FLIGHT).max(1);
+            let workers: Vec<_> = wanted
+                .chunks(chunk)
+                .map(|names| {
+                    scope.spawn(move || {
+                        let mut out = Vec::with_capacity(names.len());
+                        for n in names {
+                            let r = locks.acquire(n, mode);
+                            let failed = r.is_err();
+                            out.push((n.clone(), r));
+                            if failed {
+                                break;
+                            }
+                        }
+                        out
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().expect("lock worker panicked")).collect()
+        });
+        let mut first_error = None;
+        for (name, r) in results {
+            match r {
+                // Held from here on, so that dropping the transaction releases it.
+                Ok(()) => self.held.push((name, mode)),
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
     /// Takes several inode locks exclusively, in inode order.

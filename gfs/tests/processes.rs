@@ -6,16 +6,16 @@
 //! The tests run one at a time (each starts 6 or 7 processes on a 2-core machine).
 
 use cluster_tests::gfs::{
-    append_in_background, assert_each_once, flip_bytes, gfs_bin, join_all, read_all, record, wait_acked, Appenders,
-    Cluster, Options, CHUNK_BYTES, DEAD_AFTER_MS, LEASE_MS,
+    append_in_background, assert_each_once, flip_bytes, gfs_bin, join_all, read_all, record, wait_acked,
+    Appenders, Cluster, Options, CHUNK_BYTES, DEAD_AFTER_MS, LEASE_MS,
 };
 use cluster_tests::process::free_ports;
 use gfs::client::{Client, ClientConfig, GfsError};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, Write};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// One test at a time in this binary (an async lock: the guard lives across awaits).

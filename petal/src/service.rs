@@ -556,9 +556,30 @@ impl Petal for PetalService {
         request: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusReply>, Status> {
         self.check_group(request.into_inner().group)?;
-        let s = self.node.status().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        let store = read_store(&self.store);
-        let stats = store.stats();
+        let store_stats = || {
+            let store = read_store(&self.store);
+            (store.stats(), store.persisted(), store.list().len() as u64, store.failed().map(str::to_string))
+        };
+        let s = match self.node.status().await {
+            Ok(s) => s,
+            // The Raft node stopped (its log's disk failed): say so, with the reason.
+            Err(e) => {
+                let (stats, persisted_index, disks, failed) = store_stats();
+                return Ok(Response::new(proto::StatusReply {
+                    id: self.id.0,
+                    role: "Stopped".into(),
+                    persisted_index,
+                    disks,
+                    corrupt_blocks: stats.corrupt_blocks,
+                    repaired_blocks: stats.repaired_blocks,
+                    damaged_blocks: stats.damaged_blocks,
+                    fenced_writes: self.machine_stats.fenced.load(Relaxed),
+                    failed: failed.unwrap_or_else(|| e.to_string()),
+                    ..Default::default()
+                }));
+            }
+        };
+        let (stats, persisted_index, disks, failed) = store_stats();
         Ok(Response::new(proto::StatusReply {
             id: s.id.0,
             term: s.term.0,
@@ -568,7 +589,7 @@ impl Petal for PetalService {
             last_index: s.last_index.0,
             commit: s.commit.0,
             applied: s.applied.0,
-            persisted_index: store.persisted(),
+            persisted_index,
             voters: s.conf.voters.iter().map(|v| v.0).collect(),
             peers: s
                 .peers
@@ -580,12 +601,12 @@ impl Petal for PetalService {
                     state: format!("{:?}", p.state),
                 })
                 .collect(),
-            disks: store.list().len() as u64,
+            disks,
             corrupt_blocks: stats.corrupt_blocks,
             repaired_blocks: stats.repaired_blocks,
             damaged_blocks: stats.damaged_blocks,
             fenced_writes: self.machine_stats.fenced.load(Relaxed),
-            failed: store.failed().unwrap_or_default().to_string(),
+            failed: failed.unwrap_or_default(),
         }))
     }
 

@@ -32,6 +32,7 @@ pub mod group;
 pub mod kv;
 pub mod kv_service;
 mod log;
+pub mod logging;
 mod message;
 mod raft;
 mod tracker;

@@ -679,7 +679,16 @@ impl RaftTransport for Inbound {
             match stream.message().await {
                 Ok(Some(wire)) => match self.deliver(wire).await {
                     Ok(()) => received += 1,
-                    Err(status) => warn!(?remote, "dropping a message: {}", status.message()),
+                    // A stopped group refuses every message: end the stream (the sender
+                    // reconnects when it has work) rather than log each one.
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        debug!(?remote, "ending a stream: {}", status.message());
+                        return Err(status);
+                    }
+                    Err(status) => {
+                        warn!(?remote, "dropping a stream: {}", status.message());
+                        return Err(status);
+                    }
                 },
                 Ok(None) => return Ok(Response::new(proto::SendAck { received })),
                 Err(status) => {

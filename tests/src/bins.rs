@@ -15,7 +15,11 @@ const PACKAGES: [&str; 4] = ["petal", "lockserver", "mount", "gfs"];
 pub fn bin(name: &str) -> PathBuf {
     let dir = dir();
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build the workspace's programs first (cargo build --bins)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace's programs first (cargo build --bins)",
+        path.display()
+    );
     path
 }
 

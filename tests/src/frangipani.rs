@@ -93,7 +93,8 @@ impl Cluster {
             });
             machines.push(Machine { dir, proc: None, lock_proxies, starts: 0 });
         }
-        let small_disk = opts.small_petal_disk.as_ref().map(|(id, size)| Tmpfs::mount(&petal.data_dir(*id), size));
+        let small_disk =
+            opts.small_petal_disk.as_ref().map(|(id, size)| Tmpfs::mount(&petal.data_dir(*id), size));
         let mut c = Cluster { machines, petal, locks, small_disk, runtime, tmp };
         c.petal.start_all();
         c.locks.start_all();
@@ -151,11 +152,19 @@ impl Cluster {
         let m = &mut self.machines[i];
         assert!(m.proc.is_none(), "machine {i} is mounted already");
         m.starts += 1;
-        let locks: BTreeMap<u64, String> = m.lock_proxies.iter().map(|(id, p)| (*id, p.addr.clone())).collect();
+        let locks: BTreeMap<u64, String> =
+            m.lock_proxies.iter().map(|(id, p)| (*id, p.addr.clone())).collect();
         let mut cmd = Command::new(bin("frangipani"));
         cmd.arg("mount")
             .arg(&m.dir)
-            .args(["--petal", &self.petal.cluster_arg(), "--locks", &format_cluster(&locks), "--threads", "4"])
+            .args([
+                "--petal",
+                &self.petal.cluster_arg(),
+                "--locks",
+                &format_cluster(&locks),
+                "--threads",
+                "4",
+            ])
             .env("RUST_LOG", "info");
         let log = self.tmp.path().join(format!("mount{i}.{}.log", m.starts));
         let mut proc = Proc::spawn(format!("mount{i}"), cmd, &log);
@@ -242,7 +251,8 @@ impl Cluster {
         }
         self.detach_stale();
         let out = self.frangipani(&["fsck"]);
-        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let report =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status.success(), report)
     }
 
@@ -266,7 +276,9 @@ impl Cluster {
     /// Each running Petal replica's status.
     pub fn petal_statuses(&self) -> BTreeMap<u64, petal::proto::StatusReply> {
         let _runtime = self.runtime.enter();
-        let Ok(client) = petal::PetalClient::connect(self.node_map(&self.petal)) else { return BTreeMap::new() };
+        let Ok(client) = petal::PetalClient::connect(self.node_map(&self.petal)) else {
+            return BTreeMap::new();
+        };
         self.runtime
             .block_on(client.status())
             .into_iter()

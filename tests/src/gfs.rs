@@ -5,14 +5,14 @@
 use crate::bins::bin;
 use crate::process::{free_addrs, log_errors, log_tails, Proc};
 use gfs::client::{Client, ClientConfig, GfsError};
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use gfs::proto::{LookupReply, MasterStatus, ReadRequest};
 use gfs::rpc::Conns;
 use raft::NodeId;
 use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The `gfs` program.
@@ -119,16 +119,16 @@ impl Cluster {
         let log = self.log_file(&format!("cs{i}"));
         let mut cmd = Command::new(gfs_bin());
         cmd.args([
-                "chunkserver",
-                "--masters",
-                &self.masters_arg(),
-                "--listen",
-                &self.chunkservers[i],
-                "--data",
-            ])
-            .arg(self.cs_dir(i))
-            .args(self.tuning())
-            .env("RUST_LOG", "info");
+            "chunkserver",
+            "--masters",
+            &self.masters_arg(),
+            "--listen",
+            &self.chunkservers[i],
+            "--data",
+        ])
+        .arg(self.cs_dir(i))
+        .args(self.tuning())
+        .env("RUST_LOG", "info");
         self.cs_procs[i] = Some(Proc::spawn(format!("cs{i}"), cmd, &log));
     }
 

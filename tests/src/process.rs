@@ -104,7 +104,9 @@ pub fn free_addrs(n: usize) -> Vec<String> {
 /// The `*.log` files in `dir`, sorted by name.
 pub fn log_files(dir: &Path) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect())
+        .map(|d| {
+            d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect()
+        })
         .unwrap_or_default();
     paths.sort();
     paths

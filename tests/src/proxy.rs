@@ -35,8 +35,12 @@ impl Proxy {
     pub async fn start(target: String) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a proxy");
         let addr = listener.local_addr().expect("proxy address").to_string();
-        let inner =
-            Arc::new(Inner { target, down: AtomicBool::new(false), next_id: AtomicU64::new(0), conns: Mutex::default() });
+        let inner = Arc::new(Inner {
+            target,
+            down: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            conns: Mutex::default(),
+        });
         let accept_inner = inner.clone();
         let accept = tokio::spawn(async move {
             loop {

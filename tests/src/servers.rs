@@ -82,10 +82,8 @@ impl Group {
 
     /// SIGKILL every member at once.
     pub fn kill_all(&mut self) {
-        for p in self.procs.values_mut() {
-            if let Some(p) = p {
-                p.signal(libc::SIGKILL);
-            }
+        for p in self.procs.values().flatten() {
+            p.signal(libc::SIGKILL);
         }
         self.procs.clear();
     }

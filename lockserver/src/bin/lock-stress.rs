@@ -110,12 +110,7 @@ fn mode_letter(mode: Mode) -> &'static str {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    raft::logging::init("warn");
     match Cli::parse().command {
         Command::Contend { cluster, log, locks, tasks, duration_ms, seed } => {
             contend(&cluster, &log, locks, tasks, Duration::from_millis(duration_ms), seed).await

@@ -87,12 +87,7 @@ fn parse_cluster(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    raft::logging::init("info");
     match Cli::parse().command {
         Command::Serve { id, peers, data, tick_ms, snapshot_entries } => {
             let peers = parse_cluster(&peers)?;

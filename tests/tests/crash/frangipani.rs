@@ -61,7 +61,7 @@ fn source_tarball(c: &Cluster) -> PathBuf {
     tarball
 }
 
-/// 1. Kill a client mid-untar: another client recovers its log once the lease expires;
+/// Scenario 1: Kill a client mid-untar: another client recovers its log once the lease expires;
 /// fsck clean; every file fsynced before the kill is intact.
 pub fn kill_client_mid_untar(run: &mut Run) {
     let mut c = Cluster::start(&Options::default());
@@ -90,7 +90,7 @@ pub fn kill_client_mid_untar(run: &mut Run) {
     fsck_clean(&mut c, run);
 }
 
-/// 2. Cut a client off from the lock service while it holds dirty data: its lease
+/// Scenario 2: Cut a client off from the lock service while it holds dirty data: its lease
 /// expires, it answers further writes with EIO, the others recover its log, and the
 /// writes it still sends afterwards are fenced by Petal and never visible.
 pub fn cut_client_from_locks(run: &mut Run) {
@@ -132,7 +132,9 @@ pub fn cut_client_from_locks(run: &mut Run) {
     });
     match write {
         Err(e) if e.raw_os_error() == Some(libc::EIO) => run.checked(1),
-        other => panic!("a write on mount 0 after its lease expired answered {other:?}, not EIO\n{}", c.logs()),
+        other => {
+            panic!("a write on mount 0 after its lease expired answered {other:?}, not EIO\n{}", c.logs())
+        }
     }
     c.cut_locks(0, false);
     let fenced: u64 = c.petal_statuses().values().map(|s| s.fenced_writes).sum();
@@ -153,15 +155,16 @@ pub fn cut_client_from_locks(run: &mut Run) {
 
 /// Starts a writer on each machine, each in a directory of its own.
 fn writers(c: &Cluster, run: &Run, max_len: usize) -> Vec<Writer> {
-    let w: Vec<Writer> =
-        (0..c.machines()).map(|i| Writer::start(c.mnt(i), &format!("w{i}"), run.seed + i as u64, max_len)).collect();
+    let w: Vec<Writer> = (0..c.machines())
+        .map(|i| Writer::start(c.mnt(i), &format!("w{i}"), run.seed + i as u64, max_len))
+        .collect();
     for wr in &w {
         assert!(wr.wait_acked(2, Duration::from_secs(30)), "no fsync went through\n{}", c.logs());
     }
     w
 }
 
-/// 3. Kill the Petal leader under a write-heavy workload: the application sees a pause,
+/// Scenario 3: Kill the Petal leader under a write-heavy workload: the application sees a pause,
 /// no error, no loss.
 pub fn kill_petal_leader(run: &mut Run) {
     let mut c = Cluster::start(&Options::default());
@@ -187,7 +190,11 @@ pub fn kill_petal_leader(run: &mut Run) {
     verify_acked(&c, run, c.mnt(1), &acked[0]);
     verify_acked(&c, run, c.mnt(0), &acked[1]);
     fsck_clean(&mut c, run);
-    assert!(c.petal_digests_agree().is_some(), "the restarted replica does not match the others\n{}", c.logs());
+    assert!(
+        c.petal_digests_agree().is_some(),
+        "the restarted replica does not match the others\n{}",
+        c.logs()
+    );
     run.checked(1);
 }
 
@@ -224,7 +231,7 @@ fn contend(mnt: PathBuf, who: usize, seed: u64, stop: Arc<AtomicBool>) -> Result
     Ok(expected)
 }
 
-/// 4. Kill the lock-service leader while clients contend for the same directory: no
+/// Scenario 4: Kill the lock-service leader while clients contend for the same directory: no
 /// conflicting grant (the directory holds exactly what each client did), work resumes.
 pub fn kill_locks_leader(run: &mut Run) {
     let mut c = Cluster::start(&Options::default());
@@ -251,10 +258,8 @@ pub fn kill_locks_leader(run: &mut Run) {
         all.extend(expected);
     }
     for i in 0..c.machines() {
-        let listed: Vec<String> = ok(&c, "ls shared", sh(c.mnt(i), "ls shared"))
-            .lines()
-            .map(String::from)
-            .collect();
+        let listed: Vec<String> =
+            ok(&c, "ls shared", sh(c.mnt(i), "ls shared")).lines().map(String::from).collect();
         let want: Vec<&String> = all.keys().collect();
         assert!(
             listed.iter().eq(want.iter().copied()),
@@ -263,13 +268,15 @@ pub fn kill_locks_leader(run: &mut Run) {
             want.len()
         );
     }
-    let acked: Vec<Acked> =
-        all.iter().map(|(name, (seed, len))| Acked { path: Path::new("shared").join(name), seed: *seed, len: *len }).collect();
+    let acked: Vec<Acked> = all
+        .iter()
+        .map(|(name, (seed, len))| Acked { path: Path::new("shared").join(name), seed: *seed, len: *len })
+        .collect();
     verify_acked(&c, run, c.mnt(1), &acked);
     fsck_clean(&mut c, run);
 }
 
-/// 5. Power loss: SIGKILL every process at once, restart everything: fsck clean,
+/// Scenario 5: Power loss: SIGKILL every process at once, restart everything: fsck clean,
 /// fsynced data intact, mounts work.
 pub fn power_loss(run: &mut Run) {
     let mut c = Cluster::start(&Options::default());
@@ -289,7 +296,7 @@ pub fn power_loss(run: &mut Run) {
     fsck_clean(&mut c, run);
 }
 
-/// 6. A Petal replica's disk fills: a clear error in its log and status, the others keep
+/// Scenario 6: A Petal replica's disk fills: a clear error in its log and status, the others keep
 /// serving, nothing corrupt once space returns.
 pub fn petal_disk_fills(run: &mut Run) {
     let full = 3;
@@ -304,7 +311,10 @@ pub fn petal_disk_fills(run: &mut Run) {
     let failed = failed.unwrap_or_else(|| panic!("replica {full} never reported a full disk\n{}", c.logs()));
     run.fault(format!("replica {full}'s 24 MiB disk filled: {failed}"));
     assert!(failed.to_lowercase().contains("space"), "the status does not say the disk is full: {failed}");
-    let logged = c.errors(&[]).iter().any(|l| l.contains(&format!("petal{full}")) && l.to_lowercase().contains("space"));
+    let logged = c
+        .errors(&[])
+        .iter()
+        .any(|l| l.contains(&format!("petal{full}")) && l.to_lowercase().contains("space"));
     assert!(logged, "replica {full}'s log has no error about space\n{}", c.logs());
     sleep_ms(1000);
     let (acked, result) = writer.finish();

@@ -1,15 +1,18 @@
 //! Scenario 7: GFS record appends while a chunkserver and then the master leader die.
 
 use crate::Run;
-use cluster_tests::gfs::{append_in_background, assert_each_once, join_all, read_all, wait_acked, Appenders, Cluster, Options};
+use cluster_tests::gfs::{
+    append_in_background, assert_each_once, join_all, read_all, wait_acked, Appenders, Cluster, Options,
+};
 use rand::Rng;
 use std::sync::Arc;
 
-/// 7. Kill a chunkserver mid-append (the primary of the chunk being appended to), then
+/// Scenario 7: Kill a chunkserver mid-append (the primary of the chunk being appended to), then
 /// the master leader: every append succeeds, and each acknowledged record reads back
 /// exactly once.
 pub fn kill_mid_append(run: &mut Run) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut rng = run.rng();
     rt.block_on(async {
         let mut c = Cluster::start(Options { chunkservers: 4, ..Options::default() });

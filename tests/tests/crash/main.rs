@@ -42,7 +42,12 @@ impl Run {
     /// Counts operations whose outcome was checked.
     pub fn checked(&mut self, n: u64) {
         self.checked += n;
-        eprintln!("crash: seed {} at {:.1} s: {} checked", self.seed, self.start.elapsed().as_secs_f64(), self.checked);
+        eprintln!(
+            "crash: seed {} at {:.1} s: {} checked",
+            self.seed,
+            self.start.elapsed().as_secs_f64(),
+            self.checked
+        );
     }
 
     /// A random number generator for this seed.
@@ -59,14 +64,24 @@ struct Scenario {
 }
 
 const SCENARIOS: &[Scenario] = &[
-    Scenario { number: 1, name: "kill a client mid-untar", needs_fuse: true, run: frangipani::kill_client_mid_untar },
+    Scenario {
+        number: 1,
+        name: "kill a client mid-untar",
+        needs_fuse: true,
+        run: frangipani::kill_client_mid_untar,
+    },
     Scenario {
         number: 2,
         name: "cut a client off the lock service",
         needs_fuse: true,
         run: frangipani::cut_client_from_locks,
     },
-    Scenario { number: 3, name: "kill the Petal leader", needs_fuse: true, run: frangipani::kill_petal_leader },
+    Scenario {
+        number: 3,
+        name: "kill the Petal leader",
+        needs_fuse: true,
+        run: frangipani::kill_petal_leader,
+    },
     Scenario {
         number: 4,
         name: "kill the lock service leader",
@@ -74,8 +89,18 @@ const SCENARIOS: &[Scenario] = &[
         run: frangipani::kill_locks_leader,
     },
     Scenario { number: 5, name: "power loss", needs_fuse: true, run: frangipani::power_loss },
-    Scenario { number: 6, name: "a Petal replica's disk fills", needs_fuse: true, run: frangipani::petal_disk_fills },
-    Scenario { number: 7, name: "GFS: kill a chunkserver, the master leader", needs_fuse: false, run: gfs::kill_mid_append },
+    Scenario {
+        number: 6,
+        name: "a Petal replica's disk fills",
+        needs_fuse: true,
+        run: frangipani::petal_disk_fills,
+    },
+    Scenario {
+        number: 7,
+        name: "GFS: kill a chunkserver, the master leader",
+        needs_fuse: false,
+        run: gfs::kill_mid_append,
+    },
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -91,7 +116,9 @@ fn main() -> ExitCode {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_micros() as u64)
                 .unwrap_or(1);
-            (0..env_u64("CRASH_SEEDS").unwrap_or(2)).map(|i| base.wrapping_add(i * 7919) % 1_000_000).collect()
+            (0..env_u64("CRASH_SEEDS").unwrap_or(2))
+                .map(|i| base.wrapping_add(i * 7919) % 1_000_000)
+                .collect()
         }
     };
     let only: Option<Vec<u32>> = std::env::var("CRASH_SCENARIOS")
@@ -127,7 +154,11 @@ fn main() -> ExitCode {
     let table = Table(rows);
     println!("\n{table}");
     if table.failed() > 0 {
-        println!("{} of {} runs FAILED (replay one with CRASH_SEED=<seed> CRASH_SCENARIOS=<n>)", table.failed(), table.0.len());
+        println!(
+            "{} of {} runs FAILED (replay one with CRASH_SEED=<seed> CRASH_SCENARIOS=<n>)",
+            table.failed(),
+            table.0.len()
+        );
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

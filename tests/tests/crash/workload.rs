@@ -64,8 +64,10 @@ impl Writer {
 
     /// Waits until it has acknowledged `n` files (or failed); false on a timeout.
     pub fn wait_acked(&self, n: usize, timeout: Duration) -> bool {
-        cluster_tests::process::wait_for(timeout, || (self.acked_count() >= n || self.thread.is_finished()).then_some(()))
-            .is_some()
+        cluster_tests::process::wait_for(timeout, || {
+            (self.acked_count() >= n || self.thread.is_finished()).then_some(())
+        })
+        .is_some()
             && self.acked_count() >= n
     }
 
@@ -91,7 +93,12 @@ pub fn verify(mnt: &Path, acked: &[Acked]) -> Result<u64, String> {
     for a in acked {
         let got = std::fs::read(mnt.join(&a.path)).map_err(|e| format!("{}: {e}", a.path.display()))?;
         if got != content(a.seed, a.len) {
-            return Err(format!("{}: {} bytes differ from the {} written", a.path.display(), got.len(), a.len));
+            return Err(format!(
+                "{}: {} bytes differ from the {} written",
+                a.path.display(),
+                got.len(),
+                a.len
+            ));
         }
     }
     Ok(acked.len() as u64)

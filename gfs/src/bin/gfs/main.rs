@@ -225,13 +225,7 @@ fn master_config(id: NodeId, peers: BTreeMap<NodeId, String>, data: PathBuf, t: 
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    raft::logging::init("info");
     let cli = Cli::parse();
     let client_cfg = || -> anyhow::Result<ClientConfig> {
         let mut cfg = ClientConfig::new(parse_cluster(&cli.masters)?);

@@ -118,7 +118,14 @@ fn stages(args: &BenchArgs, scratch: &Path) -> anyhow::Result<Vec<Row>> {
 
     let small: Vec<PathBuf> = (0..args.small_files).map(|i| scratch.join(format!("small-{i}"))).collect();
     let data: Vec<u8> = (0..args.small_file_size).map(|i| (i % 253) as u8).collect();
-    let per_file = |d: Duration| format!("{:.2} ms/file", secs(d) * 1000.0 / args.small_files.max(1) as f64);
+    let per_file = |d: Duration| {
+        let ms = secs(d) * 1000.0 / args.small_files.max(1) as f64;
+        if ms < 0.1 {
+            format!("{:.2} us/file", ms * 1000.0)
+        } else {
+            format!("{ms:.2} ms/file")
+        }
+    };
     let files_per_sec = |d: Duration| args.small_files as f64 / secs(d);
 
     let mut p = Progress::new("Write small file", args.small_files);

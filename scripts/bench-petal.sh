@@ -11,15 +11,18 @@
 #
 #   BENCH_SECONDS=5      measured seconds per pattern (after a 1 s warm-up)
 #   BENCH_CLIENTS=1,16   client counts
+#   BENCH_PATTERNS=...   a subset of seq-write-64k,rand-write-4k,rand-read-4k
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN=${BENCH_SECONDS:-5}
 CLIENTS=${BENCH_CLIENTS:-1,16}
+PATTERNS=${BENCH_PATTERNS:-seq-write-64k,rand-write-4k,rand-read-4k}
 NAME=petal
 PORTS=(7301 7302 7303)
 cargo build --release -p petal --bins
 # shellcheck source=scripts/petal-cluster.sh
 source scripts/petal-cluster.sh
 
-"$BIN/petal-bench" --cluster "$PEERS" --local-dir "$WORK/local" --seconds "$SECONDS_PER_RUN" --clients "$CLIENTS"
+"$BIN/petal-bench" --cluster "$PEERS" --local-dir "$WORK/local" --seconds "$SECONDS_PER_RUN" --clients "$CLIENTS" \
+    --patterns "$PATTERNS"

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! Patterns: 64 KiB sequential writes, 4 KiB random writes, 4 KiB random reads (of data
-//! written before), each with every `--clients` count. Each client has its own
+//! written before), each with every `--clients` count (`--patterns` picks some). The local
+//! writes sync with fdatasync, as Petal's log does: a full fsync would also write the
+//! file's times each time and make the baseline slower than it need be. Each client has its own
 //! connections (Petal) or its own thread (local file) and works in a region of its own.
 //! One line per pattern and client count:
 //!
@@ -49,6 +51,10 @@ struct Args {
     /// The disk to use (created if missing).
     #[arg(long, default_value = "bench")]
     disk: String,
+    /// Patterns to run, comma-separated (random reads read what the sequential writes
+    /// of the same run wrote).
+    #[arg(long, default_value = "seq-write-64k,rand-write-4k,rand-read-4k")]
+    patterns: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +65,8 @@ enum Pattern {
 }
 
 impl Pattern {
+    const ALL: [Pattern; 3] = [Pattern::SeqWrite64k, Pattern::RandWrite4k, Pattern::RandRead4k];
+
     fn name(self) -> &'static str {
         match self {
             Pattern::SeqWrite64k => "seq-write-64k",
@@ -236,6 +244,14 @@ async fn main() -> anyhow::Result<()> {
         .map(|c| c.trim().parse::<usize>().with_context(|| format!("bad client count {c:?}")))
         .collect::<Result<_, _>>()?;
     ensure!(counts.iter().all(|c| (1..=256).contains(c)), "client counts are 1 to 256");
+    let patterns: Vec<Pattern> = args
+        .patterns
+        .split(',')
+        .map(|p| {
+            let p = p.trim();
+            Pattern::ALL.into_iter().find(|x| x.name() == p).with_context(|| format!("unknown pattern {p:?}"))
+        })
+        .collect::<Result<_, _>>()?;
     std::fs::create_dir_all(&args.local_dir)?;
     let local = args.local_dir.join("petal-bench-local.bin");
     let admin = PetalClient::connect(nodes.clone())?;
@@ -247,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
     for clients in counts {
         let mut petal_written = Vec::new();
         let mut local_written = Vec::new();
-        for pattern in [Pattern::SeqWrite64k, Pattern::RandWrite4k, Pattern::RandRead4k] {
+        for &pattern in &patterns {
             let p = run_petal(&args, &nodes, pattern, clients, &petal_written).await?;
             let l = run_local(&local, args.seconds, pattern, clients, &local_written)?;
             if pattern == Pattern::SeqWrite64k {

@@ -401,23 +401,33 @@ impl Store {
     }
 
     fn write_pieces(&mut self, disk: &str, offset: u64, data: &[u8], index: u64) -> Result<(), StorageError> {
-        let mut buf = vec![0u8; BLOCK_BYTES];
+        let mut run = Vec::new();
         for p in pieces(offset, data.len() as u64) {
             let mut ext = self.owned_extent(disk, p.extent)?;
             let first = p.start / BLOCK_BYTES;
             let last = (p.end - 1) / BLOCK_BYTES;
+            let src = &data[p.at..p.at + (p.end - p.start)];
+            let covered = |i: usize| p.start <= i * BLOCK_BYTES && (i + 1) * BLOCK_BYTES <= p.end;
+            // The piece's blocks go to the file in one write: whole blocks straight from
+            // the caller's buffer, else merged over the partly covered ones at either end.
+            if covered(first) && covered(last) {
+                self.blocks.write_blocks(block_of(ext.slot, first as u64), src)?;
+            } else {
+                run.clear();
+                run.resize((last + 1 - first) * BLOCK_BYTES, 0);
+                for i in std::iter::once(first).chain((last != first).then_some(last)) {
+                    if !covered(i) {
+                        let at = (i - first) * BLOCK_BYTES;
+                        self.read_for_update(&ext, i as u64, &mut run[at..at + BLOCK_BYTES])?;
+                    }
+                }
+                let at = p.start - first * BLOCK_BYTES;
+                run[at..at + src.len()].copy_from_slice(src);
+                self.blocks.write_blocks(block_of(ext.slot, first as u64), &run)?;
+            }
             for i in first..=last {
-                let b_start = (i * BLOCK_BYTES).max(p.start);
-                let b_end = ((i + 1) * BLOCK_BYTES).min(p.end);
-                let src = &data[p.at + (b_start - p.start)..p.at + (b_end - p.start)];
-                let block = block_of(ext.slot, i as u64);
-                if b_end - b_start == BLOCK_BYTES {
-                    self.blocks.write_block(block, src)?;
+                if covered(i) {
                     self.clear_damaged(ext.slot, i as u64);
-                } else {
-                    self.read_for_update(&ext, i as u64, &mut buf)?;
-                    buf[b_start - i * BLOCK_BYTES..b_end - i * BLOCK_BYTES].copy_from_slice(src);
-                    self.blocks.write_block(block, &buf)?;
                 }
                 ext.written |= 1 << i;
             }
@@ -462,12 +472,22 @@ impl Store {
             Some(ext) if self.refs[&ext.slot] == 1 => Ok(ext),
             Some(ext) => {
                 let slot = self.allocate();
-                let mut buf = vec![0u8; BLOCK_BYTES];
-                for i in 0..EXTENT_BLOCKS {
-                    if ext.written & (1 << i) != 0 {
-                        self.read_for_update(&ext, i, &mut buf)?;
-                        self.blocks.write_block(block_of(slot, i), &buf)?;
+                // Each run of written blocks is copied in one write.
+                let mut run = vec![0u8; EXTENT_BYTES as usize];
+                let mut i = 0;
+                while i < EXTENT_BLOCKS {
+                    if ext.written & (1 << i) == 0 {
+                        i += 1;
+                        continue;
                     }
+                    let start = i;
+                    while i < EXTENT_BLOCKS && ext.written & (1 << i) != 0 {
+                        let at = (i - start) as usize * BLOCK_BYTES;
+                        self.read_for_update(&ext, i, &mut run[at..at + BLOCK_BYTES])?;
+                        i += 1;
+                    }
+                    let bytes = (i - start) as usize * BLOCK_BYTES;
+                    self.blocks.write_blocks(block_of(slot, start), &run[..bytes])?;
                 }
                 if let Some(bits) = self.damaged.get(&ext.slot).copied() {
                     self.damaged.insert(slot, bits);

@@ -111,12 +111,31 @@ impl BlockFile {
     /// its crc entry. Not durable until [`BlockFile::sync`].
     pub fn write_block(&self, block: u64, data: &[u8]) -> Result<(), StorageError> {
         assert_eq!(data.len(), self.block_bytes, "data must be one block long");
-        let (data_offset, entry_offset) = self.offsets(block)?;
-        let mut entry = [0u8; ENTRY_BYTES as usize];
-        entry[..4].copy_from_slice(&crc32fast::hash(data).to_le_bytes());
-        entry[4..].copy_from_slice(&WRITTEN.to_le_bytes());
+        self.write_blocks(block, data)
+    }
+
+    /// Writes `data` (a whole number of blocks, at least one) as the consecutive blocks
+    /// from `first`: all the data in one write, then all their crc entries in another.
+    /// Not durable until [`BlockFile::sync`]; a crash before it may leave any of the
+    /// blocks reading as [`StorageError::Corrupt`], as for [`BlockFile::write_block`].
+    pub fn write_blocks(&self, first: u64, data: &[u8]) -> Result<(), StorageError> {
+        assert!(
+            !data.is_empty() && data.len().is_multiple_of(self.block_bytes),
+            "data must be a whole number of blocks"
+        );
+        let count = (data.len() / self.block_bytes) as u64;
+        let last = first.checked_add(count - 1).ok_or_else(|| StorageError::OutOfRange {
+            detail: format!("{count} blocks from block {first} run past the last block number"),
+        })?;
+        self.offsets(last)?; // the whole run lies within the largest offset
+        let (data_offset, entry_offset) = self.offsets(first)?;
+        let mut entries = Vec::with_capacity(count as usize * ENTRY_BYTES as usize);
+        for block in data.chunks(self.block_bytes) {
+            entries.extend_from_slice(&crc32fast::hash(block).to_le_bytes());
+            entries.extend_from_slice(&WRITTEN.to_le_bytes());
+        }
         self.data.write_all_at(data, data_offset).at("write block", &self.path)?;
-        self.crcs.write_all_at(&entry, entry_offset).at("write crc entry", &self.crc_path)
+        self.crcs.write_all_at(&entries, entry_offset).at("write crc entry", &self.crc_path)
     }
 
     /// Marks block `block` never written, so it reads as zeros, and punches a hole
@@ -365,6 +384,27 @@ mod tests {
     }
 
     #[test]
+    fn write_blocks_writes_a_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = BlockFile::open(&dir.path().join("chunk"), BLOCK).unwrap();
+        let run: Vec<u8> = (3..7).flat_map(|b| block_of(b as u8)).collect();
+        file.write_blocks(3, &run).unwrap();
+        file.write_blocks(5, &block_of(9)).unwrap();
+        for block in [3u64, 4, 6] {
+            assert_eq!(read(&file, block).unwrap(), block_of(block as u8));
+        }
+        assert_eq!(read(&file, 5).unwrap(), block_of(9));
+        assert_eq!(read(&file, 2).unwrap(), vec![0; BLOCK]);
+        assert_eq!(file.written_blocks().unwrap(), vec![3, 4, 5, 6]);
+        // A run that ends past the largest offset writes nothing.
+        let last = OFFSET_MAX / BLOCK as u64 - 1;
+        let err = file.write_blocks(last, &run[..2 * BLOCK]).unwrap_err();
+        assert!(matches!(err, StorageError::OutOfRange { .. }), "{err}");
+        let err = file.write_blocks(u64::MAX, &run[..2 * BLOCK]).unwrap_err();
+        assert!(matches!(err, StorageError::OutOfRange { .. }), "{err}");
+    }
+
+    #[test]
     fn unwritten_blocks_read_as_zeros() {
         let dir = tempfile::tempdir().unwrap();
         let file = BlockFile::open(&dir.path().join("chunk"), BLOCK).unwrap();
@@ -532,6 +572,7 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Write(u64, u8),
+        WriteRun(u64, u8, u64),
         Read(u64),
         Discard(u64),
         Reopen,
@@ -541,6 +582,7 @@ mod tests {
         let block = prop_oneof![4 => 0u64..32, 1 => 0u64..100_000];
         prop_oneof![
             4 => (block.clone(), any::<u8>()).prop_map(|(b, v)| Op::Write(b, v)),
+            2 => (block.clone(), any::<u8>(), 1u64..20).prop_map(|(b, v, n)| Op::WriteRun(b, v, n)),
             3 => block.clone().prop_map(Op::Read),
             2 => block.prop_map(Op::Discard),
             1 => Just(Op::Reopen),
@@ -560,6 +602,13 @@ mod tests {
                     Op::Write(block, byte) => {
                         file.write_block(block, &block_of(byte)).unwrap();
                         model.insert(block, block_of(byte));
+                    }
+                    Op::WriteRun(first, byte, n) => {
+                        let blocks: Vec<Vec<u8>> = (0..n).map(|i| block_of(byte.wrapping_add(i as u8))).collect();
+                        file.write_blocks(first, &blocks.concat()).unwrap();
+                        for (i, b) in blocks.into_iter().enumerate() {
+                            model.insert(first + i as u64, b);
+                        }
                     }
                     Op::Read(block) => {
                         let expected = model.get(&block).cloned().unwrap_or(vec![0; BLOCK]);

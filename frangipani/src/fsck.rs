@@ -57,6 +57,16 @@ fn bit(bits: &[u8], i: u64) -> bool {
     bits.get((i / 8) as usize).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
+/// The set bits of a bitmap below `total` (unit 0 is never used), skipping empty bytes:
+/// a bitmap has tens of millions of bits and few are set.
+fn set_bits(bits: &[u8], total: u64) -> impl Iterator<Item = u64> + '_ {
+    bits.iter()
+        .enumerate()
+        .filter(|(_, b)| **b != 0)
+        .flat_map(|(i, b)| (0..8).filter(move |k| b & (1 << k) != 0).map(move |k| i as u64 * 8 + k))
+        .filter(move |i| (1..total).contains(i))
+}
+
 impl Frangipani {
     /// Checks the file system; fixes what it can when `repair` is set.
     pub fn fsck(&self, repair: bool) -> FsResult<FsckReport> {
@@ -177,13 +187,14 @@ impl Frangipani {
         };
         let mut unreachable = Vec::new();
         let mut bitmap_fixes: Vec<(Bitmap, u64, bool)> = Vec::new();
-        for i in 1..p.inodes {
-            let used = bit(&inode_bits, i);
-            let reachable = inodes.contains_key(&i);
-            if used && !reachable {
+        for i in set_bits(&inode_bits, p.inodes) {
+            if !inodes.contains_key(&i) {
                 r.problems.push(format!("inode {i}: allocated but unreachable"));
                 unreachable.push(i);
-            } else if !used && reachable {
+            }
+        }
+        for &i in inodes.range(1..p.inodes).map(|(i, _)| i) {
+            if !bit(&inode_bits, i) {
                 r.problems.push(format!("inode {i}: in use but free in the bitmap"));
                 bitmap_fixes.push((Bitmap::Inodes, i, true));
             }
@@ -192,13 +203,14 @@ impl Frangipani {
             (Bitmap::Small, &small_bits, &small_owner, p.small_blocks),
             (Bitmap::Large, &large_bits, &large_owner, p.large_blocks),
         ] {
-            for i in 1..total {
-                let used = bit(bits, i);
-                let owned = owners.contains_key(&i);
-                if used && !owned {
+            for i in set_bits(bits, total) {
+                if !owners.contains_key(&i) {
                     r.problems.push(format!("{b:?} block {i}: allocated but unreferenced"));
                     bitmap_fixes.push((b, i, false));
-                } else if !used && owned {
+                }
+            }
+            for &i in owners.range(1..total).map(|(i, _)| i) {
+                if !bit(bits, i) {
                     r.problems.push(format!("{b:?} block {i}: referenced but free in the bitmap"));
                     bitmap_fixes.push((b, i, true));
                 }

@@ -96,7 +96,7 @@ impl<'a> Txn<'a> {
     /// Takes many locks in `mode` at once, several requests in flight (fsck takes every
     /// bitmap segment: one at a time, that is thousands of lock-service round trips).
     pub(crate) fn lock_many(&mut self, names: Vec<LockName>, mode: Mode) -> FsResult<()> {
-        const IN_FLIGHT: usize = 32;
+        const IN_FLIGHT: usize = 16;
         let wanted: Vec<LockName> = names
             .into_iter()
             .filter(|n| {

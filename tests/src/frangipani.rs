@@ -33,7 +33,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { mounts: 2, lease_ms: 3000, tick_ms: 50, small_petal_disk: None }
+        Options { mounts: 2, lease_ms: 5000, tick_ms: 50, small_petal_disk: None }
     }
 }
 

@@ -1,21 +1,21 @@
 //! Test harness: lock servers as real processes on 127.0.0.1 (killed by pid when
-//! dropped), a TCP proxy that can cut connections or partition a node, callbacks that
-//! record what the clerk asks of its user, and the checker of grant/release histories.
+//! dropped), each optionally behind a TCP proxy (`cluster_tests::proxy`) that can cut
+//! connections or partition a node, callbacks that record what the clerk asks of its
+//! user, and the checker of grant/release histories.
 #![allow(dead_code)] // each test file uses part of it
 
+pub use cluster_tests::process::free_ports;
+pub use cluster_tests::proxy::Proxy;
 use lockserver::cluster::{format_cluster, Cluster};
 use lockserver::service::proto;
 use lockserver::{Callbacks, Clerk, ClerkConfig, Mode, SessionId, Slot};
 use raft::NodeId;
-use rand::Rng;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// CLOCK_MONOTONIC in nanoseconds, as `lock-stress` logs it.
@@ -34,13 +34,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Ports the OS picks: bind to port 0, note the port, release it.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 /// Options of a test cluster.
@@ -178,129 +171,18 @@ impl Servers {
 
     /// The tails of every node's log.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-            .collect();
-        paths.sort();
-        for p in paths {
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(15).collect();
-            out +=
-                &format!("--- {}\n{}\n", p.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-        }
-        out
+        cluster_tests::process::log_tails(self.dir.path(), 15)
     }
 
     /// ERROR lines and panics in every node's log.
     pub fn errors(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                out.extend(
-                    text.lines().filter(|l| l.contains("ERROR") || l.contains("panicked")).map(String::from),
-                );
-            }
-        }
-        out
+        cluster_tests::process::log_errors(self.dir.path(), &[])
     }
 
     pub fn clerk_config(&self, name: &str) -> ClerkConfig {
         let mut cfg = ClerkConfig::new(self.cluster(), name);
         cfg.rpc_timeout = Duration::from_millis(500);
         cfg
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Proxy
-// ---------------------------------------------------------------------------------------
-
-/// A TCP proxy to one address that can cut its connections and refuse new ones.
-pub struct Proxy {
-    pub addr: String,
-    inner: Arc<ProxyInner>,
-    accept: JoinHandle<()>,
-}
-
-struct ProxyInner {
-    target: String,
-    down: AtomicBool,
-    next_id: AtomicU64,
-    conns: Mutex<BTreeMap<u64, JoinHandle<()>>>,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
-
-impl Proxy {
-    pub async fn start(target: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let inner = Arc::new(ProxyInner {
-            target,
-            down: AtomicBool::new(false),
-            next_id: AtomicU64::new(0),
-            conns: Mutex::new(BTreeMap::new()),
-        });
-        let accept_inner = inner.clone();
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
-                if accept_inner.down.load(Relaxed) {
-                    continue; // dropped: refused
-                }
-                let id = accept_inner.next_id.fetch_add(1, Relaxed);
-                let inner = accept_inner.clone();
-                let task = tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(&inner.target).await else { return };
-                    let _ = client.set_nodelay(true);
-                    let _ = server.set_nodelay(true);
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    tokio::select! {
-                        _ = tokio::io::copy(&mut cr, &mut sw) => {}
-                        _ = tokio::io::copy(&mut sr, &mut cw) => {}
-                    }
-                    inner.conns.lock().unwrap().remove(&id);
-                });
-                accept_inner.conns.lock().unwrap().insert(id, task);
-            }
-        });
-        Proxy { addr, inner, accept }
-    }
-
-    /// Closes every connection (both ends see them break).
-    pub fn cut(&self) {
-        for (_, t) in std::mem::take(&mut *self.inner.conns.lock().unwrap()) {
-            t.abort();
-        }
-    }
-
-    /// Refuses (true) or accepts (false) new connections.
-    pub fn set_down(&self, down: bool) {
-        self.inner.down.store(down, Relaxed);
-    }
-
-    /// Breaks one connection at random, if any.
-    pub fn cut_one(&self) {
-        let mut conns = self.inner.conns.lock().unwrap();
-        if conns.is_empty() {
-            return;
-        }
-        let i = rand::thread_rng().gen_range(0..conns.len());
-        let id = *conns.keys().nth(i).unwrap();
-        if let Some(t) = conns.remove(&id) {
-            t.abort();
-        }
     }
 }
 

@@ -88,6 +88,14 @@ impl NodeDisk {
     /// Makes a Ready's snapshot, entries and term/vote durable (fsync) before its messages
     /// may be sent.
     pub fn persist(&mut self, rd: &Ready) -> Result<(), DiskError> {
+        self.write(rd)?;
+        self.sync()
+    }
+
+    /// Writes a Ready's snapshot, entries and term/vote; its entries are durable only after
+    /// the next [`NodeDisk::sync`] (the rest already is). Several Readies may be written
+    /// before one sync (group commit).
+    pub fn write(&mut self, rd: &Ready) -> Result<(), DiskError> {
         if let Some(s) = &rd.snapshot {
             self.save_snapshot(s)?;
             self.log.reset(s.meta.index.0 + 1)?;
@@ -100,7 +108,6 @@ impl NodeDisk {
                 let seq = self.log.append(&codec().serialize(e).expect("entries serialize"))?;
                 debug_assert_eq!(seq, e.index.0);
             }
-            self.log.sync()?;
         }
         // Term and vote must be durable when they change. The commit index is only a hint
         // (a lower bound), written along with them, and whenever a membership change is
@@ -110,12 +117,20 @@ impl NodeDisk {
         let vote_changed = (hs.term, hs.vote) != (self.written_hard.term, self.written_hard.vote);
         let conf_changed = conf_applied.is_some_and(|e| e.index > self.written_hard.commit);
         if vote_changed || conf_changed {
+            // The entries before the hard state, as they always were.
+            self.log.sync()?;
             let commit =
                 hs.commit.max(conf_applied.map_or(Index(0), |e| e.index)).max(self.written_hard.commit);
             let hs = HardState { commit, ..hs };
             write_atomic(&self.dir.join("hard_state"), &codec().serialize(&hs).expect("serializes"))?;
             self.written_hard = hs;
         }
+        Ok(())
+    }
+
+    /// Makes every entry written so far durable (one fsync, if any is pending).
+    pub fn sync(&mut self) -> Result<(), DiskError> {
+        self.log.sync()?;
         Ok(())
     }
 

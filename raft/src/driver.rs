@@ -2,11 +2,16 @@
 //! each [`Ready`] (fsync) before sending the messages that depend on it, applies committed
 //! entries to a [`StateMachine`] in order, and answers callers.
 //!
-//! Everything happens in one task that owns the core, the disk and the state machine, so
-//! no lock is needed; requests that queue up while a batch is being fsynced are taken
-//! together into the next batch (group commit).
+//! One task owns the core and the state machine, so no lock is needed; the disk is a
+//! thread of its own (the `writer` module), which persists each batch while the task goes on
+//! taking requests and messages, and takes every batch that queued up meanwhile into one
+//! fsync (group commit). What depends on a batch being durable waits for it: a leader
+//! counts itself toward a commit, a follower acknowledges entries, and votes go out, only
+//! once the writes are done. Committed entries are applied at once: they are durable on
+//! a majority, this node included, by the time the core hands them out.
 
 use crate::disk::{DiskError, NodeDisk};
+use crate::writer::{Done, Job, Writer};
 use crate::{
     ConfChange, ConfState, Config, EntryPayload, Index, Message, MessageBody, NodeId, ProposeError, Raft,
     Ready, Restored, Role, Status, Term,
@@ -173,12 +178,18 @@ impl<S: StateMachine> Node<S> {
         let applied = restored.applied;
         let raft = Raft::new(cfg.raft.clone(), restored)
             .map_err(|detail| DiskError::Decode { path: cfg.data_dir.clone(), detail })?;
+        let writer = Writer::start(disk).map_err(|source| {
+            DiskError::Storage(storage::StorageError::Io {
+                context: "start the raft disk thread".into(),
+                source,
+            })
+        })?;
         let (requests, rx) = mpsc::channel(cfg.max_queued_requests);
         let (status_tx, status) = watch::channel(NodeState { applied, ..NodeState::default() });
         let (stopped_tx, stopped) = watch::channel(None);
         let runner = Runner {
             raft,
-            disk,
+            writer,
             sm,
             applied,
             last_snapshot: applied,
@@ -303,7 +314,8 @@ struct PendingRead<S> {
 
 struct Runner<S: StateMachine> {
     raft: Raft,
-    disk: NodeDisk,
+    /// The disk, on its own thread.
+    writer: Writer,
     sm: S,
     applied: Index,
     last_snapshot: Index,
@@ -331,25 +343,32 @@ impl<S: StateMachine> Runner<S> {
     ) {
         let mut ticker = tokio::time::interval(self.cfg.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let written = self.writer.wake();
         let result = loop {
             tokio::select! {
                 _ = ticker.tick() => self.raft.tick(),
+                _ = written.notified() => {}
                 m = inbox.recv() => {
                     let Some(m) = m else { break Ok(()) };
                     self.step(m);
-                    for _ in 0..MAX_BATCH {
-                        let Ok(m) = inbox.try_recv() else { break };
-                        self.step(m);
-                    }
                 }
                 r = requests.recv() => {
                     let Some(r) = r else { break Ok(()) };
                     self.handle(r);
-                    for _ in 0..MAX_BATCH {
-                        let Ok(r) = requests.try_recv() else { break };
-                        self.handle(r);
-                    }
                 }
+            }
+            // Whatever else waits in either queue joins the same batch: one fsync and one
+            // Append per peer for the acks and proposals that arrived meanwhile.
+            for _ in 0..MAX_BATCH {
+                let Ok(m) = inbox.try_recv() else { break };
+                self.step(m);
+            }
+            for _ in 0..MAX_BATCH {
+                let Ok(r) = requests.try_recv() else { break };
+                self.handle(r);
+            }
+            if let Err(e) = self.take_done() {
+                break Err(e);
             }
             if let Err(e) = self.drain_ready() {
                 break Err(e);
@@ -418,7 +437,7 @@ impl<S: StateMachine> Runner<S> {
         while self.raft.has_ready() {
             let rd = self.raft.ready();
             self.handle_ready(&rd)?;
-            self.raft.advance(&rd);
+            self.raft.advance_async(&rd);
             self.serve_reads();
             self.maybe_snapshot()?;
         }
@@ -450,17 +469,70 @@ impl<S: StateMachine> Runner<S> {
         for m in early {
             (self.send)(m.clone());
         }
-        tokio::task::block_in_place(|| self.disk.persist(rd))?;
-        for m in late {
-            (self.send)(m.clone());
+        let late: Vec<Message> = late.into_iter().cloned().collect();
+        let conf_committed: Vec<_> =
+            rd.committed.iter().filter(|e| matches!(e.payload, EntryPayload::Config(_))).cloned().collect();
+        let to_disk = rd.snapshot.is_some()
+            || !rd.entries.is_empty()
+            || rd.hard_state.is_some()
+            || !conf_committed.is_empty();
+        if to_disk || (!late.is_empty() && self.writer.in_flight() > 0) {
+            let job = Ready {
+                snapshot: rd.snapshot.clone(),
+                entries: rd.entries.clone(),
+                hard_state: rd.hard_state,
+                committed: conf_committed,
+                ..Ready::default()
+            };
+            self.writer.submit(Job::Persist { rd: job, late })?;
+        } else {
+            // Nothing to wait for: no write of this batch, none before it in flight.
+            for m in late {
+                (self.send)(m);
+            }
         }
         if let Some(s) = &rd.snapshot {
+            // The state machine takes the snapshot only once it, and all before it, is on disk.
+            while let Some(done) = tokio::task::block_in_place(|| self.writer.wait_done()) {
+                self.finish(done?);
+            }
             if let Err(e) = self.sm.restore(s.meta.index, &s.data) {
                 return Err(DiskError::Decode { path: self.cfg.data_dir.join("snapshot"), detail: e });
             }
             self.applied = s.meta.index;
             self.last_snapshot = s.meta.index;
         }
+        // The committed entries of a Ready are durable here already (at most the log's
+        // stable index), whatever is still being written.
+        self.apply_committed(rd);
+        for rs in &rd.read_states {
+            if let Some(read) = self.reads.remove(&rs.ctx) {
+                self.waiting_reads.push((rs.index, read));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back every job the disk thread has done.
+    fn take_done(&mut self) -> Result<(), DiskError> {
+        while let Some(done) = self.writer.try_done() {
+            self.finish(done?);
+        }
+        Ok(())
+    }
+
+    /// What follows a job being durable: the core learns it, the messages that waited go.
+    fn finish(&mut self, done: Done) {
+        if let Some((index, term)) = done.last {
+            self.raft.persisted(index, term);
+        }
+        for m in done.late {
+            (self.send)(m);
+        }
+    }
+
+    /// Applies a Ready's committed entries and answers whoever waits for them.
+    fn apply_committed(&mut self, rd: &Ready) {
         for e in &rd.committed {
             if e.index <= self.applied {
                 continue; // already in the durable state machine
@@ -474,12 +546,6 @@ impl<S: StateMachine> Runner<S> {
                 p.waiter.finish(if p.term == e.term { Ok(answer) } else { Err(ClientError::Unknown) });
             }
         }
-        for rs in &rd.read_states {
-            if let Some(read) = self.reads.remove(&rs.ctx) {
-                self.waiting_reads.push((rs.index, read));
-            }
-        }
-        Ok(())
     }
 
     fn serve_reads(&mut self) {
@@ -502,7 +568,7 @@ impl<S: StateMachine> Runner<S> {
             return Ok(());
         }
         let snapshot = crate::Snapshot { meta: self.raft.snapshot_meta().clone(), data };
-        tokio::task::block_in_place(|| self.disk.compact(&snapshot))?;
+        self.writer.submit(Job::Compact(snapshot))?;
         self.last_snapshot = self.applied;
         Ok(())
     }

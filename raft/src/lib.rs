@@ -38,6 +38,7 @@ mod raft;
 mod tracker;
 pub mod transport;
 mod types;
+mod writer;
 
 #[cfg(test)]
 mod sim;

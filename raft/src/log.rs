@@ -6,7 +6,8 @@ use crate::types::{Entry, Index, Snapshot, SnapshotMeta, Term};
 /// The log after the latest snapshot.
 ///
 /// Invariant: `snapshot.index <= applied <= committed <= last_index()`,
-/// `applied <= stable`, and `entries[i].index == snapshot.index + 1 + i`.
+/// `applied <= stable <= in_progress <= last_index()`, and
+/// `entries[i].index == snapshot.index + 1 + i`.
 #[derive(Debug)]
 pub(crate) struct RaftLog {
     /// Where the log starts: entries up to here live only in the snapshot.
@@ -20,6 +21,8 @@ pub(crate) struct RaftLog {
     pub(crate) applied: Index,
     /// Highest index known durable on this node's disk.
     pub(crate) stable: Index,
+    /// Highest index handed out to be persisted (durable or not yet).
+    pub(crate) in_progress: Index,
 }
 
 impl RaftLog {
@@ -34,6 +37,7 @@ impl RaftLog {
             committed: meta.index,
             applied: meta.index,
             stable: last,
+            in_progress: last,
             snapshot: meta,
             snapshot_data: data,
             entries,
@@ -158,18 +162,28 @@ impl RaftLog {
         let keep = (index.0 - self.snapshot.index.0 - 1) as usize;
         self.entries.truncate(keep);
         self.stable = self.stable.min(index.prev());
+        self.in_progress = self.in_progress.min(index.prev());
     }
 
-    /// Entries not yet durable.
+    /// Entries not yet handed out to be persisted.
     pub(crate) fn unstable(&self) -> &[Entry] {
-        let from = (self.stable.0.max(self.snapshot.index.0) - self.snapshot.index.0) as usize;
+        let from = (self.in_progress.0.max(self.snapshot.index.0) - self.snapshot.index.0) as usize;
         &self.entries[from.min(self.entries.len())..]
     }
 
+    /// Records that entries through `index` (of `term`) are being persisted.
+    pub(crate) fn in_progress_to(&mut self, index: Index, term: Term) {
+        if self.term(index) == Some(term) && index > self.in_progress {
+            self.in_progress = index;
+        }
+    }
+
     pub(crate) fn stable_to(&mut self, index: Index, term: Term) {
-        // Only if the entry is still the one that was persisted (it may have been replaced).
+        // Only if the entry is still the one that was persisted (it may have been replaced:
+        // by Log Matching, an entry with the same index and term is the same entry).
         if self.term(index) == Some(term) && index > self.stable {
             self.stable = index;
+            self.in_progress = self.in_progress.max(index);
         }
     }
 
@@ -204,6 +218,7 @@ impl RaftLog {
         self.committed = snapshot.meta.index;
         self.applied = snapshot.meta.index;
         self.stable = snapshot.meta.index;
+        self.in_progress = snapshot.meta.index;
         self.snapshot = snapshot.meta;
         self.snapshot_data = snapshot.data;
     }

@@ -49,7 +49,8 @@ pub struct ReadState {
 /// A batch of work for the driver, in this order: persist `snapshot`, `entries` (first
 /// truncating the stored log from `entries[0].index`) and `hard_state` with fsync; then send
 /// `messages`; then restore the state machine from `snapshot` and apply `committed`; serve
-/// `read_states` once applied; then call [`Raft::advance`].
+/// `read_states` once applied; then call [`Raft::advance`]. Or persist in the background:
+/// see [`Raft::advance_async`].
 #[derive(Debug, Default)]
 pub struct Ready {
     /// Set when the leader or role changed.
@@ -213,6 +214,10 @@ pub struct Raft {
     randomized_election_ticks: u32,
     rng: SmallRng,
     msgs: Vec<Message>,
+    /// Leader: new entries or a new commit index wait to be sent to every peer. Sent by
+    /// the next [`Raft::ready`], so the proposals and acks of one batch go out as one
+    /// Append per peer rather than one each.
+    bcast_pending: bool,
     /// ReadIndex requests that arrived before this leader committed an entry of its term.
     reads_before_commit: Vec<u64>,
     /// ReadIndex requests waiting for a heartbeat quorum, oldest first.
@@ -252,6 +257,7 @@ impl Raft {
             randomized_election_ticks: cfg.election_ticks,
             rng: SmallRng::seed_from_u64(cfg.seed),
             msgs: Vec::new(),
+            bcast_pending: false,
             reads_before_commit: Vec::new(),
             reads: VecDeque::new(),
             read_states: Vec::new(),
@@ -910,6 +916,7 @@ impl Raft {
             self.cfg.election_ticks + self.rng.gen_range(0..self.cfg.election_ticks);
         self.votes.clear();
         self.transferee = None;
+        self.bcast_pending = false;
         self.reads.clear();
         self.reads_before_commit.clear();
     }
@@ -956,7 +963,17 @@ impl Raft {
         self.msgs.push(Message { from: self.id, to, term: self.term, body });
     }
 
+    /// Asks for an Append to every peer (new entries, or the new commit index), sent by
+    /// the next [`Raft::ready`].
     fn bcast_append(&mut self) {
+        self.bcast_pending = true;
+    }
+
+    /// Sends the Appends asked for by [`Raft::bcast_append`].
+    fn flush_bcast_append(&mut self) {
+        if !std::mem::take(&mut self.bcast_pending) || self.role != Role::Leader {
+            return;
+        }
         let peers: Vec<NodeId> = self.tracker.progress.keys().copied().filter(|id| *id != self.id).collect();
         for id in peers {
             self.send_append_all(id, true);
@@ -1072,6 +1089,7 @@ impl Raft {
     /// Whether [`Raft::ready`] has work.
     pub fn has_ready(&self) -> bool {
         !self.msgs.is_empty()
+            || self.bcast_pending
             || self.hard_state() != self.prev_hard
             || self.soft_state() != self.prev_soft
             || self.installed_snapshot.is_some()
@@ -1083,6 +1101,7 @@ impl Raft {
     /// Takes the pending work. Call [`Raft::advance`] with it once it is done, before the
     /// next `ready`.
     pub fn ready(&mut self) -> Ready {
+        self.flush_bcast_append();
         let soft = self.soft_state();
         let hard = self.hard_state();
         let rd = Ready {
@@ -1102,17 +1121,42 @@ impl Raft {
     /// Records that a [`Ready`] was persisted and its committed entries applied.
     pub fn advance(&mut self, rd: &Ready) {
         if let Some(last) = rd.entries.last() {
-            self.log.stable_to(last.index, last.term);
-            if self.role == Role::Leader {
-                let stable = self.log.stable;
-                if let Some(me) = self.tracker.progress.get_mut(&self.id) {
-                    me.maybe_update(stable);
-                }
-                if self.maybe_commit() {
-                    self.bcast_append();
-                }
+            self.log.in_progress_to(last.index, last.term);
+            self.persisted(last.index, last.term);
+        }
+        self.advance_applied(rd);
+    }
+
+    /// Records that a [`Ready`] was handed to storage, which persists its entries, hard
+    /// state and snapshot in the order the Readies came, and that its committed entries
+    /// were applied. Its messages other than a leader's appends and heartbeats (votes,
+    /// acknowledgements) must wait until storage has made it durable. The next `ready`
+    /// may come at once: it holds only what came after this one. Once storage is done,
+    /// call [`Raft::persisted`] with its last entry.
+    pub fn advance_async(&mut self, rd: &Ready) {
+        if let Some(last) = rd.entries.last() {
+            self.log.in_progress_to(last.index, last.term);
+        }
+        self.advance_applied(rd);
+    }
+
+    /// Records that the entries through `index`, whose term is `term`, are durable on this
+    /// node (those of a Ready handed over by [`Raft::advance_async`]). Ignored if the entry
+    /// has since been replaced. A leader counts itself toward a commit only from here.
+    pub fn persisted(&mut self, index: Index, term: Term) {
+        self.log.stable_to(index, term);
+        if self.role == Role::Leader {
+            let stable = self.log.stable;
+            if let Some(me) = self.tracker.progress.get_mut(&self.id) {
+                me.maybe_update(stable);
+            }
+            if self.maybe_commit() {
+                self.bcast_append();
             }
         }
+    }
+
+    fn advance_applied(&mut self, rd: &Ready) {
         for e in &rd.committed {
             if e.index <= self.log.applied {
                 continue; // replaced by an installed snapshot meanwhile
@@ -1218,6 +1262,69 @@ mod tests {
             .messages
             .iter()
             .any(|m| m.body == MessageBody::AppendResp { index: Index(2), reject: None }));
+    }
+
+    /// Node 1 elected leader of 1, 2, 3 (without PreVote), its first Ready handed out.
+    fn leader_with_ready() -> (Raft, Ready) {
+        let conf = ConfState::with_voters([NodeId(1), NodeId(2), NodeId(3)]);
+        let cfg = Config { pre_vote: false, ..Config::new(NodeId(1)) };
+        let mut r = Raft::new(cfg, Restored::bootstrap(conf)).unwrap();
+        let rd = r.ready();
+        r.advance(&rd);
+        while r.role() != Role::Candidate {
+            r.tick();
+        }
+        let rd = r.ready();
+        r.advance(&rd);
+        r.step(msg(2, r.term().0, MessageBody::VoteResp { reject: false })).unwrap();
+        assert_eq!(r.role(), Role::Leader);
+        let rd = r.ready();
+        (r, rd)
+    }
+
+    #[test]
+    fn async_leader_counts_itself_only_once_its_log_is_durable() {
+        let (mut r, rd) = leader_with_ready();
+        let term = r.term();
+        let noop = rd.entries.last().expect("the new leader's no-op").clone();
+        assert_eq!(noop.index, Index(2));
+        r.advance_async(&rd);
+        // Handed out once: the next Ready does not hold the entry again.
+        r.propose(Bytes::from_static(b"a")).unwrap();
+        let rd = r.ready();
+        assert_eq!(rd.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![Index(3)]);
+        r.advance_async(&rd);
+        // One follower has both entries; the leader's own copies are not durable yet.
+        r.step(msg(2, term.0, MessageBody::AppendResp { index: Index(3), reject: None })).unwrap();
+        assert_eq!(r.commit_index(), Index(1));
+        r.persisted(Index(2), term);
+        assert_eq!(r.commit_index(), Index(2));
+        r.persisted(Index(3), term);
+        assert_eq!(r.commit_index(), Index(3));
+        let rd = r.ready();
+        assert_eq!(rd.committed.last().map(|e| e.index), Some(Index(3)));
+    }
+
+    #[test]
+    fn async_entries_replaced_while_being_written_are_not_taken_as_durable() {
+        let mut r = follower();
+        r.step(msg(2, 2, append((1, 1), vec![entry(2, 2), entry(2, 3)], 1))).unwrap();
+        let rd = r.ready();
+        assert_eq!(rd.entries.len(), 2);
+        r.advance_async(&rd);
+        // A new leader replaces entry 3 while the first write is in flight.
+        r.step(msg(3, 3, append((2, 2), vec![entry(3, 3)], 1))).unwrap();
+        let rd = r.ready();
+        assert_eq!(
+            rd.entries.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
+            vec![(Index(3), Term(3))]
+        );
+        r.advance_async(&rd);
+        // The first write finishing says nothing of the new entry 3.
+        r.persisted(Index(3), Term(2));
+        assert_eq!(r.raft_log().stable, Index(1));
+        r.persisted(Index(3), Term(3));
+        assert_eq!(r.raft_log().stable, Index(3));
     }
 
     #[test]

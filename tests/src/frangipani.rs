@@ -4,7 +4,7 @@
 //! Dropping the cluster kills every process by its pid and detaches every mount.
 
 use crate::bins::bin;
-use crate::fuse::{detach, is_mounted};
+use crate::fuse::{detach, is_mounted, statfs_ok};
 use crate::process::{log_errors, log_tails, wait_for, Proc};
 use crate::proxy::Proxy;
 use crate::servers::{format_cluster, Group};
@@ -173,7 +173,7 @@ impl Cluster {
             if let Some(status) = proc.exited() {
                 return Some(Err(status));
             }
-            (is_mounted(&dir) && std::fs::metadata(&dir).is_ok()).then_some(Ok(()))
+            (is_mounted(&dir) && statfs_ok(&dir)).then_some(Ok(()))
         });
         match up {
             Some(Ok(())) => m.proc = Some(proc),

@@ -44,3 +44,13 @@ pub fn detach(dir: &Path) {
     // SAFETY: a valid NUL-terminated path.
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
 }
+
+/// Whether statfs(2) on `dir` succeeds: a mount that is served (a stat can be answered
+/// from cached attributes even when the mount is stale).
+pub fn statfs_ok(dir: &Path) -> bool {
+    let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: plain data, filled in by statfs(2).
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut buf) == 0 }
+}

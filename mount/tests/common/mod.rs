@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub use cluster_tests::frangipani::set_mode;
+pub use cluster_tests::fuse::{detach, fuse_available, is_mounted, statfs_ok};
 use std::ffi::CString;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -13,15 +15,6 @@ use std::time::{Duration, Instant};
 
 /// How long a mount may take to appear or a process to exit.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-/// Whether FUSE can be used here; says so loudly when not.
-pub fn fuse_available(test: &str) -> bool {
-    if Path::new("/dev/fuse").exists() {
-        return true;
-    }
-    eprintln!("\n!!! SKIPPED {test}: /dev/fuse is missing, so no FUSE mount can be tested here !!!\n");
-    false
-}
 
 /// A `frangipani mount-memory` process and its mount points.
 pub struct Mount {
@@ -199,51 +192,6 @@ impl Drop for Mount {
 /// is unmounted (a close's RELEASE, say), and fuser reports that their replies found nobody.
 pub fn benign(line: &str) -> bool {
     line.contains("fuser::reply: Failed to send FUSE reply: No such file or directory")
-}
-
-/// Whether `dir` is a mount point (per /proc/self/mountinfo), stale or not.
-pub fn is_mounted(dir: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let want = dir.as_os_str().as_bytes();
-    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|p| unescape(p) == want))
-}
-
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-/// Whether statfs(2) on `dir` succeeds.
-pub fn statfs_ok(dir: &Path) -> bool {
-    let c = cpath(dir);
-    // SAFETY: plain data, filled in by statfs(2).
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid NUL-terminated path and a valid out pointer.
-    unsafe { libc::statfs(c.as_ptr(), &mut buf) == 0 }
-}
-
-/// Lazily detaches whatever is mounted at `dir`.
-pub fn detach(dir: &Path) {
-    let c = CString::new(dir.as_os_str().as_bytes()).expect("path");
-    // SAFETY: a valid NUL-terminated path.
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-}
-
-/// Sets a path's permission bits.
-pub fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
 /// Runs a shell script in `dir`; panics unless it succeeds; returns its stdout.

@@ -5,6 +5,7 @@ use crate::workload::{content, sh, verify, Acked, Writer};
 use crate::Run;
 use cluster_tests::frangipani::{Cluster, Options};
 use cluster_tests::process::Proc;
+use cluster_tests::servers::Group;
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -153,6 +154,15 @@ pub fn cut_client_from_locks(run: &mut Run) {
     mounts_work(&c, run);
 }
 
+/// SIGKILLs member `id` of `group` and restarts it `down_ms` later.
+fn bounce(run: &mut Run, group: &mut Group, id: u64, what: &str, down_ms: u64) {
+    group.kill(id);
+    run.fault(format!("SIGKILL {what} {id}"));
+    sleep_ms(down_ms);
+    group.start(id);
+    run.fault(format!("restart it {down_ms} ms later"));
+}
+
 /// Starts a writer on each machine, each in a directory of its own.
 fn writers(c: &Cluster, run: &Run, max_len: usize) -> Vec<Writer> {
     let w: Vec<Writer> = (0..c.machines())
@@ -172,11 +182,7 @@ pub fn kill_petal_leader(run: &mut Run) {
     sleep_ms(run.rng().gen_range(100..1000));
     let leader = c.petal_leader();
     let before: usize = w.iter().map(Writer::acked_count).sum();
-    c.petal.kill(leader);
-    run.fault(format!("SIGKILL Petal leader {leader}"));
-    sleep_ms(2000);
-    c.petal.start(leader);
-    run.fault(format!("restart replica {leader} after 2 s"));
+    bounce(run, &mut c.petal, leader, "Petal leader", 2000);
     sleep_ms(1500);
     let mut acked = Vec::new();
     for (i, wr) in w.into_iter().enumerate() {
@@ -245,11 +251,7 @@ pub fn kill_locks_leader(run: &mut Run) {
         .collect();
     sleep_ms(run.rng().gen_range(500..1500));
     let leader = c.locks_leader();
-    c.locks.kill(leader);
-    run.fault(format!("SIGKILL lock service leader {leader}"));
-    sleep_ms(1500);
-    c.locks.start(leader);
-    run.fault(format!("restart lock server {leader} after 1.5 s"));
+    bounce(run, &mut c.locks, leader, "lock service leader", 1500);
     sleep_ms(2000);
     stop.store(true, Ordering::Relaxed);
     let mut all = Expected::new();

@@ -3,6 +3,7 @@
 //!
 //! - [`process`]: child processes killed by their own pid when dropped, free ports, logs.
 //! - [`proxy`]: a TCP proxy in front of a server that can cut a link and heal it.
+//! - [`netns`]: simulated hosts (network namespaces) whose links can be cut and healed.
 //! - [`fuse`]: mount points (stale or not) and whether FUSE is here at all.
 //! - [`servers`]: a Raft group of `petal` or `lockserver` processes; [`gfs`]: a GFS cluster.
 //! - [`frangipani`]: a whole Frangipani cluster: Petal, the lock service and mounts.
@@ -12,6 +13,7 @@ pub mod bins;
 pub mod frangipani;
 pub mod fuse;
 pub mod gfs;
+pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod report;

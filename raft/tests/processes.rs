@@ -2,83 +2,49 @@
 //! leader under load, power-cycle the whole group, corrupt a log tail. Every process a
 //! test starts is killed by its pid when the test ends, pass or fail.
 
+use cluster_tests::process::log_tails;
+use cluster_tests::servers::Group;
 use raft::kv_service::KvClient;
 use raft::NodeId;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One node process; killed (SIGKILL) and reaped when dropped.
-struct NodeProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// The nodes, as a group of `raft-kv serve` processes (each killed by its pid when
+/// dropped), with their data and logs in a temporary directory.
 struct Cluster {
+    group: Group,
     dir: tempfile::TempDir,
-    peers: BTreeMap<NodeId, String>,
-    nodes: BTreeMap<NodeId, Option<NodeProc>>,
-}
-
-/// Ports the OS picks: bind to port 0, note the port, release it.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 impl Cluster {
     fn start(n: u64) -> Cluster {
-        let ports = free_ports(n as usize);
-        let peers: BTreeMap<NodeId, String> =
-            (1..=n).map(|i| (NodeId(i), format!("127.0.0.1:{}", ports[i as usize - 1]))).collect();
-        let mut c = Cluster { dir: tempfile::tempdir().unwrap(), peers, nodes: BTreeMap::new() };
-        for id in 1..=n {
-            c.start_node(NodeId(id));
-        }
-        c
+        let dir = tempfile::tempdir().unwrap();
+        let extra = ["--tick-ms", "50", "--snapshot-entries", "500"].map(String::from).to_vec();
+        let program = PathBuf::from(env!("CARGO_BIN_EXE_raft-kv"));
+        let mut group = Group::new(program, "node", n, extra, dir.path());
+        group.start_all();
+        Cluster { group, dir }
     }
 
-    fn peers_arg(&self) -> String {
-        self.peers.iter().map(|(id, a)| format!("{}={a}", id.0)).collect::<Vec<_>>().join(",")
+    fn peers(&self) -> BTreeMap<NodeId, String> {
+        self.group.addrs.iter().map(|(id, a)| (NodeId(*id), a.clone())).collect()
     }
 
     fn data_dir(&self, id: NodeId) -> PathBuf {
-        self.dir.path().join(format!("node{}", id.0))
+        self.group.data_dir(id.0)
     }
 
     fn start_node(&mut self, id: NodeId) {
-        let log = self.dir.path().join(format!("node{}.{}.log", id.0, self.nodes.len()));
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_raft-kv"))
-            .args(["serve", "--id", &id.0.to_string(), "--peers", &self.peers_arg(), "--tick-ms", "50"])
-            .arg("--data")
-            .arg(self.data_dir(id))
-            .arg("--snapshot-entries")
-            .arg("500")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start raft-kv");
-        self.nodes.insert(id, Some(NodeProc { child, log }));
+        self.group.start(id.0);
     }
 
     fn kill(&mut self, id: NodeId) {
-        // Dropping the guard sends SIGKILL to that pid and reaps it.
-        self.nodes.insert(id, None);
+        self.group.kill(id.0);
     }
 
     fn client(&self) -> KvClient {
-        let mut c = KvClient::new(self.peers.clone());
+        let mut c = KvClient::new(self.peers());
         c.deadline = Duration::from_secs(20);
         c
     }
@@ -107,20 +73,7 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        let mut out = String::new();
-        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            let p = entry.path();
-            if p.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                out += &format!(
-                    "--- {}\n{}\n",
-                    p.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-        }
-        out
+        log_tails(self.dir.path(), 20)
     }
 }
 
@@ -176,10 +129,10 @@ async fn sigkill_leader_under_load_then_power_cycle() {
     let acked = acked.lock().unwrap().clone();
 
     // Power loss: every node at once, then all back.
-    for id in cluster.peers.keys().copied().collect::<Vec<_>>() {
+    for id in cluster.peers().into_keys().collect::<Vec<_>>() {
         cluster.kill(id);
     }
-    for id in cluster.peers.keys().copied().collect::<Vec<_>>() {
+    for id in cluster.peers().into_keys().collect::<Vec<_>>() {
         cluster.start_node(id);
     }
     cluster.wait_leader().await;
@@ -212,7 +165,7 @@ async fn corrupt_log_tail_is_cut_reported_and_caught_up() {
     for i in 0..20 {
         client.put(&format!("k{i}"), "before").await.unwrap();
     }
-    let victim = cluster.peers.keys().copied().find(|id| *id != leader).unwrap();
+    let victim = cluster.peers().into_keys().find(|id| *id != leader).unwrap();
     // Wait until the victim stored everything, then kill it and flip its last byte.
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.kill(victim);
@@ -249,7 +202,7 @@ async fn corrupt_log_tail_is_cut_reported_and_caught_up() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let log = std::fs::read_to_string(&cluster.nodes[&victim].as_ref().unwrap().log).unwrap();
+    let log = std::fs::read_to_string(cluster.group.process(victim.0).unwrap().log()).unwrap();
     assert!(log.contains("tail cut"), "the cut was not reported:\n{log}");
     // Its data is right: make it the leader and read through it.
     assert_eq!(client.get("k19").await.unwrap().as_deref(), Some("after"));

@@ -1,10 +1,13 @@
 //! A whole Frangipani cluster as processes: 3 Petal replicas, 3 lock servers and a
-//! number of `frangipani mount` processes (the machines). Each mount reaches the lock
-//! service through proxies of its own, so a test can cut one machine off from it.
-//! Dropping the cluster kills every process by its pid and detaches every mount.
+//! number of `frangipani mount` processes (the machines). On 127.0.0.1, each mount
+//! reaches the lock service through proxies of its own, so a test can cut one machine off
+//! from it; with [`Options::hosts`], every process runs on a simulated host of its own
+//! ([`crate::netns`]) and a machine's whole link is cut. Dropping the cluster kills every
+//! process by its pid, detaches every mount and removes the hosts.
 
 use crate::bins::bin;
 use crate::fuse::{detach, is_mounted, statfs_ok};
+use crate::netns::Network;
 use crate::process::{log_errors, log_tails, wait_for, Proc};
 use crate::proxy::Proxy;
 use crate::servers::{format_cluster, Group};
@@ -12,6 +15,7 @@ use raft::NodeId;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a mount may take to appear, a leader to be elected, a process to exit.
@@ -29,21 +33,31 @@ pub struct Options {
     /// Put this Petal replica's data directory on a tmpfs of this size ("32m"), a data
     /// disk that fills up.
     pub small_petal_disk: Option<(u64, String)>,
+    /// Every process on a simulated host of its own (needs root; see [`crate::netns`]).
+    pub hosts: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { mounts: 2, lease_ms: 5000, tick_ms: 50, small_petal_disk: None }
+        Options { mounts: 2, lease_ms: 5000, tick_ms: 50, small_petal_disk: None, hosts: false }
     }
 }
 
-/// One machine: its mount point, its process, its proxies to the lock servers.
+/// One machine: its mount point, its process, its way to the lock servers (proxies of
+/// its own on 127.0.0.1, or its host).
 struct Machine {
     dir: PathBuf,
     proc: Option<Proc>,
     lock_proxies: BTreeMap<u64, Proxy>,
+    host: Option<usize>,
     starts: u64,
 }
+
+/// The simulated hosts: Petal replica `id` on host `id - 1`, lock server `id` on host
+/// `id + 2`, machine `i` on host `6 + i`.
+const PETAL_HOST: usize = 0;
+const LOCKS_HOST: usize = 3;
+const MACHINE_HOST: usize = 6;
 
 pub struct Cluster {
     // Field order is drop order: mounts first, then the servers, the runtime, the files.
@@ -51,6 +65,7 @@ pub struct Cluster {
     pub petal: Group,
     pub locks: Group,
     small_disk: Option<Tmpfs>,
+    network: Option<Arc<Network>>,
     runtime: tokio::runtime::Runtime,
     tmp: tempfile::TempDir,
 }
@@ -65,37 +80,53 @@ impl Cluster {
             .enable_all()
             .build()
             .expect("tokio runtime");
+        let network = opts.hosts.then(|| {
+            let n = MACHINE_HOST + opts.mounts;
+            Arc::new(Network::new(n).unwrap_or_else(|why| panic!("no simulated hosts: {why}")))
+        });
         let tick = opts.tick_ms.to_string();
-        let petal = Group::new(
-            bin("petal"),
+        let group = |program: &str, kind: &str, first_host: usize, extra: Vec<String>| match &network {
+            None => Group::new(bin(program), kind, 3, extra, tmp.path()),
+            Some(net) => {
+                let host = move |id: u64| first_host + id as usize - 1;
+                let addrs = (1..=3u64).map(|id| (id, format!("{}:7000", net.addr(host(id))))).collect();
+                let (net, program) = (net.clone(), bin(program));
+                let launch = Box::new(move |id: u64| net.command(host(id), &program));
+                Group::launched(launch, kind, addrs, extra, tmp.path())
+            }
+        };
+        let petal = group(
             "petal",
-            3,
+            "petal",
+            PETAL_HOST,
             vec!["--tick-ms".into(), tick.clone(), "--fence-margin-ms".into(), "500".into()],
-            tmp.path(),
         );
-        let locks = Group::new(
-            bin("lockserver"),
+        let locks = group(
+            "lockserver",
             "locks",
-            3,
+            LOCKS_HOST,
             vec!["--tick-ms".into(), tick, "--lease-ms".into(), opts.lease_ms.to_string()],
-            tmp.path(),
         );
         let mut machines = Vec::new();
         for i in 0..opts.mounts {
             let dir = tmp.path().join(format!("mnt{i}"));
             std::fs::create_dir(&dir).expect("mount point");
-            let lock_proxies = runtime.block_on(async {
-                let mut proxies = BTreeMap::new();
-                for (id, addr) in &locks.addrs {
-                    proxies.insert(*id, Proxy::start(addr.clone()).await);
-                }
-                proxies
-            });
-            machines.push(Machine { dir, proc: None, lock_proxies, starts: 0 });
+            let lock_proxies = match network {
+                Some(_) => BTreeMap::new(),
+                None => runtime.block_on(async {
+                    let mut proxies = BTreeMap::new();
+                    for (id, addr) in &locks.addrs {
+                        proxies.insert(*id, Proxy::start(addr.clone()).await);
+                    }
+                    proxies
+                }),
+            };
+            let host = network.as_ref().map(|_| MACHINE_HOST + i);
+            machines.push(Machine { dir, proc: None, lock_proxies, host, starts: 0 });
         }
         let small_disk =
             opts.small_petal_disk.as_ref().map(|(id, size)| Tmpfs::mount(&petal.data_dir(*id), size));
-        let mut c = Cluster { machines, petal, locks, small_disk, runtime, tmp };
+        let mut c = Cluster { machines, petal, locks, small_disk, network, runtime, tmp };
         c.petal.start_all();
         c.locks.start_all();
         c.frangipani_ok(&["mkfs"]);
@@ -152,19 +183,17 @@ impl Cluster {
         let m = &mut self.machines[i];
         assert!(m.proc.is_none(), "machine {i} is mounted already");
         m.starts += 1;
-        let locks: BTreeMap<u64, String> =
-            m.lock_proxies.iter().map(|(id, p)| (*id, p.addr.clone())).collect();
-        let mut cmd = Command::new(bin("frangipani"));
+        let locks = match m.host {
+            Some(_) => self.locks.cluster_arg(),
+            None => format_cluster(&m.lock_proxies.iter().map(|(id, p)| (*id, p.addr.clone())).collect()),
+        };
+        let mut cmd = match (&self.network, m.host) {
+            (Some(net), Some(h)) => net.command(h, bin("frangipani")),
+            _ => Command::new(bin("frangipani")),
+        };
         cmd.arg("mount")
             .arg(&m.dir)
-            .args([
-                "--petal",
-                &self.petal.cluster_arg(),
-                "--locks",
-                &format_cluster(&locks),
-                "--threads",
-                "4",
-            ])
+            .args(["--petal", &self.petal.cluster_arg(), "--locks", &locks, "--threads", "4"])
             .env("RUST_LOG", "info");
         let log = self.tmp.path().join(format!("mount{i}.{}.log", m.starts));
         let mut proc = Proc::spawn(format!("mount{i}"), cmd, &log);
@@ -214,10 +243,19 @@ impl Cluster {
         }
     }
 
-    /// Cuts machine `i` off from every lock server (connections break, new ones are
-    /// refused), or heals the link.
-    pub fn cut_locks(&self, i: usize, cut: bool) {
-        for p in self.machines[i].lock_proxies.values() {
+    /// Cuts machine `i` off from the lock service (connections break, new ones are
+    /// refused), or heals the link. On simulated hosts the machine's whole link is cut
+    /// (Petal too).
+    pub fn cut_off(&self, i: usize, cut: bool) {
+        let m = &self.machines[i];
+        if let (Some(net), Some(h)) = (&self.network, m.host) {
+            if cut {
+                net.cut(h);
+            } else {
+                net.heal(h);
+            }
+        }
+        for p in m.lock_proxies.values() {
             if cut {
                 p.partition();
             } else {

@@ -1,5 +1,6 @@
-//! A Raft group of server processes (`petal serve` or `lockserver serve`), each killed,
-//! frozen and restarted by its own pid.
+//! A Raft group of server processes (`petal serve`, `lockserver serve`, `raft-kv serve`),
+//! each killed, frozen and restarted by its own pid, on 127.0.0.1 or each on a simulated
+//! host of its own.
 
 use crate::process::{free_addrs, Proc};
 use std::collections::BTreeMap;
@@ -8,7 +9,8 @@ use std::process::Command;
 
 /// One group: ids 1..=n on 127.0.0.1 ports the OS picked.
 pub struct Group {
-    program: PathBuf,
+    /// The command that starts member `id` (the program, on its host).
+    launch: Box<dyn Fn(u64) -> Command>,
     /// What the processes are called in logs and tables ("petal", "locks").
     kind: String,
     /// Each member's listen address.
@@ -24,8 +26,20 @@ impl Group {
     /// A group of `n` members of `program` with data and logs under `dir`; none started.
     pub fn new(program: PathBuf, kind: &str, n: u64, extra: Vec<String>, dir: &Path) -> Group {
         let addrs = (1..=n).zip(free_addrs(n as usize)).collect();
+        Group::launched(Box::new(move |_| Command::new(&program)), kind, addrs, extra, dir)
+    }
+
+    /// A group whose member `id` listens at `addrs[id]` and is started by `launch(id)`
+    /// (e.g. inside a network namespace); none started.
+    pub fn launched(
+        launch: Box<dyn Fn(u64) -> Command>,
+        kind: &str,
+        addrs: BTreeMap<u64, String>,
+        extra: Vec<String>,
+        dir: &Path,
+    ) -> Group {
         Group {
-            program,
+            launch,
             kind: kind.into(),
             addrs,
             extra,
@@ -61,7 +75,7 @@ impl Group {
     /// Starts member `id` (again).
     pub fn start(&mut self, id: u64) {
         self.starts += 1;
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = (self.launch)(id);
         cmd.args(["serve", "--id", &id.to_string(), "--peers", &self.cluster_arg(), "--data"])
             .arg(self.data_dir(id))
             .args(&self.extra)

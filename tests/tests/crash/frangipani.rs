@@ -15,6 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The cluster's shape for this run.
+fn options(run: &Run) -> Options {
+    Options { hosts: run.hosts, ..Options::default() }
+}
+
 fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
@@ -65,7 +70,7 @@ fn source_tarball(c: &Cluster) -> PathBuf {
 /// Scenario 1: Kill a client mid-untar: another client recovers its log once the lease expires;
 /// fsck clean; every file fsynced before the kill is intact.
 pub fn kill_client_mid_untar(run: &mut Run) {
-    let mut c = Cluster::start(&Options::default());
+    let mut c = Cluster::start(&options(run));
     let tarball = source_tarball(&c);
     let (a, b) = (c.mnt(0).to_path_buf(), c.mnt(1).to_path_buf());
     std::fs::create_dir(a.join("untar")).expect("mkdir untar");
@@ -95,7 +100,7 @@ pub fn kill_client_mid_untar(run: &mut Run) {
 /// expires, it answers further writes with EIO, the others recover its log, and the
 /// writes it still sends afterwards are fenced by Petal and never visible.
 pub fn cut_client_from_locks(run: &mut Run) {
-    let opts = Options::default();
+    let opts = options(run);
     let mut c = Cluster::start(&opts);
     let (a, b) = (c.mnt(0).to_path_buf(), c.mnt(1).to_path_buf());
     let before = content(run.seed, 20_000);
@@ -108,9 +113,13 @@ pub fn cut_client_from_locks(run: &mut Run) {
     std::fs::write(a.join("f"), &dirty).expect("overwrite f on mount 0");
     std::fs::write(a.join("unsynced"), b"never fsynced").expect("write on mount 0");
     // Cut off and frozen before it writes anything back.
-    c.cut_locks(0, true);
+    c.cut_off(0, true);
     c.mount_process(0).expect("mount 0").stop();
-    run.fault("cut mount 0 off the lock service; SIGSTOP it");
+    run.fault(if run.hosts {
+        "cut mount 0's host off; SIGSTOP it"
+    } else {
+        "cut mount 0 off the lock service; SIGSTOP it"
+    });
     let lease = opts.lease_ms + run.rng().gen_range(500..1500);
     sleep_ms(lease);
 
@@ -137,7 +146,7 @@ pub fn cut_client_from_locks(run: &mut Run) {
             panic!("a write on mount 0 after its lease expired answered {other:?}, not EIO\n{}", c.logs())
         }
     }
-    c.cut_locks(0, false);
+    c.cut_off(0, false);
     let fenced: u64 = c.petal_statuses().values().map(|s| s.fenced_writes).sum();
     run.fault(format!("healed (Petal fenced {fenced} late writes)"));
 
@@ -177,7 +186,7 @@ fn writers(c: &Cluster, run: &Run, max_len: usize) -> Vec<Writer> {
 /// Scenario 3: Kill the Petal leader under a write-heavy workload: the application sees a pause,
 /// no error, no loss.
 pub fn kill_petal_leader(run: &mut Run) {
-    let mut c = Cluster::start(&Options::default());
+    let mut c = Cluster::start(&options(run));
     let w = writers(&c, run, 256 << 10);
     sleep_ms(run.rng().gen_range(100..1000));
     let leader = c.petal_leader();
@@ -240,7 +249,7 @@ fn contend(mnt: PathBuf, who: usize, seed: u64, stop: Arc<AtomicBool>) -> Result
 /// Scenario 4: Kill the lock-service leader while clients contend for the same directory: no
 /// conflicting grant (the directory holds exactly what each client did), work resumes.
 pub fn kill_locks_leader(run: &mut Run) {
-    let mut c = Cluster::start(&Options::default());
+    let mut c = Cluster::start(&options(run));
     std::fs::create_dir(c.mnt(0).join("shared")).expect("mkdir shared");
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..c.machines())
@@ -281,7 +290,7 @@ pub fn kill_locks_leader(run: &mut Run) {
 /// Scenario 5: Power loss: SIGKILL every process at once, restart everything: fsck clean,
 /// fsynced data intact, mounts work.
 pub fn power_loss(run: &mut Run) {
-    let mut c = Cluster::start(&Options::default());
+    let mut c = Cluster::start(&options(run));
     let w = writers(&c, run, 128 << 10);
     sleep_ms(run.rng().gen_range(100..1500));
     c.power_loss();
@@ -302,7 +311,7 @@ pub fn power_loss(run: &mut Run) {
 /// serving, nothing corrupt once space returns.
 pub fn petal_disk_fills(run: &mut Run) {
     let full = 3;
-    let opts = Options { small_petal_disk: Some((full, "24m".into())), ..Options::default() };
+    let opts = Options { small_petal_disk: Some((full, "24m".into())), ..options(run) };
     let mut c = Cluster::start(&opts);
     let writer = Writer::start(c.mnt(0), "big", run.seed, 1 << 20);
     // Until the replica says its disk is full; the writer must not notice.

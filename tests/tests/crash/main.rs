@@ -12,6 +12,8 @@
 //! CRASH_SEEDS=N        seeds per scenario (default 2)
 //! CRASH_SEED=S         run exactly seed S (to replay a failure)
 //! CRASH_SCENARIOS=1,5  run only these scenarios
+//! CRASH_HOSTS=1        every process on a simulated host of its own (network namespaces;
+//!                      a cut isolates the machine), instead of 127.0.0.1 and proxies
 //! ```
 
 mod frangipani;
@@ -26,6 +28,8 @@ use std::time::Instant;
 /// What one run of a scenario did, for the table.
 pub struct Run {
     pub seed: u64,
+    /// Every process on a simulated host of its own (`CRASH_HOSTS=1`).
+    pub hosts: bool,
     start: Instant,
     faults: Vec<String>,
     checked: u64,
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
     let only: Option<Vec<u32>> = std::env::var("CRASH_SCENARIOS")
         .ok()
         .map(|v| v.split(',').map(|n| n.trim().parse().expect("CRASH_SCENARIOS: numbers")).collect());
+    let hosts = std::env::var("CRASH_HOSTS").is_ok_and(|v| v == "1");
     let fuse = cluster_tests::fuse::fuse_available("the Frangipani crash scenarios (1-6)");
 
     let mut rows = Vec::new();
@@ -134,7 +139,7 @@ fn main() -> ExitCode {
         for &seed in &seeds {
             eprintln!("crash: scenario {} ({}), seed {seed}", s.number, s.name);
             let start = Instant::now();
-            let mut run = Run { seed, start, faults: Vec::new(), checked: 0 };
+            let mut run = Run { seed, hosts, start, faults: Vec::new(), checked: 0 };
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (s.run)(&mut run))).map_err(|p| {
                 p.downcast_ref::<String>()
                     .cloned()

@@ -685,10 +685,7 @@ impl RaftTransport for Inbound {
                         debug!(?remote, "ending a stream: {}", status.message());
                         return Err(status);
                     }
-                    Err(status) => {
-                        warn!(?remote, "dropping a stream: {}", status.message());
-                        return Err(status);
-                    }
+                    Err(status) => warn!(?remote, "dropping a message: {}", status.message()),
                 },
                 Ok(None) => return Ok(Response::new(proto::SendAck { received })),
                 Err(status) => {

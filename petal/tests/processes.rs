@@ -2,40 +2,22 @@
 //! under write load, two down at once, snapshots, fencing, flipped bytes and a lost block
 //! file. Every process a test starts is killed by its pid when the test ends, pass or fail.
 
+use cluster_tests::process::{log_files, log_tails};
+use cluster_tests::servers::Group as Servers;
+use cluster_tests::tmpfs::Tmpfs;
 use petal::{ClientConfig, PetalClient, PetalError};
 use raft::NodeId;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// One replica process; killed (SIGKILL) and reaped when dropped.
-struct Replica {
-    child: Child,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// The replicas: a group of `petal serve` processes (each killed by its pid when
+/// dropped), with their data and logs in a temporary directory.
 struct Group {
+    servers: Servers,
     dir: tempfile::TempDir,
-    peers: BTreeMap<NodeId, String>,
-    replicas: BTreeMap<NodeId, Option<Replica>>,
-    snapshot_entries: u64,
-    starts: usize,
-}
-
-/// Ports the OS picks: bind to port 0, note the port, release it.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -43,27 +25,30 @@ const DEADLINE: Duration = Duration::from_secs(30);
 impl Group {
     /// A group of `n` replicas, none started yet.
     fn new(n: u64, snapshot_entries: u64) -> Group {
-        let ports = free_ports(n as usize);
-        let peers = (1..=n).map(|i| (NodeId(i), format!("127.0.0.1:{}", ports[i as usize - 1]))).collect();
-        Group {
-            dir: tempfile::tempdir().unwrap(),
-            peers,
-            replicas: BTreeMap::new(),
-            snapshot_entries,
-            starts: 0,
-        }
+        let dir = tempfile::tempdir().unwrap();
+        let extra =
+            vec!["--tick-ms".into(), "50".into(), "--snapshot-entries".into(), snapshot_entries.to_string()];
+        let program = PathBuf::from(env!("CARGO_BIN_EXE_petal"));
+        Group { servers: Servers::new(program, "replica", n, extra, dir.path()), dir }
     }
 
     fn start(n: u64, snapshot_entries: u64) -> Group {
         let mut g = Group::new(n, snapshot_entries);
-        for id in 1..=n {
-            g.start_replica(NodeId(id));
-        }
+        g.servers.start_all();
         g
     }
 
+    fn peers(&self) -> BTreeMap<NodeId, String> {
+        self.servers.addrs.iter().map(|(id, a)| (NodeId(*id), a.clone())).collect()
+    }
+
+    /// The replicas running.
+    fn live(&self) -> Vec<NodeId> {
+        self.servers.ids().into_iter().filter(|id| self.servers.running(*id)).map(NodeId).collect()
+    }
+
     fn data_dir(&self, id: NodeId) -> PathBuf {
-        self.dir.path().join(format!("replica{}", id.0))
+        self.servers.data_dir(id.0)
     }
 
     fn blocks_file(&self, id: NodeId) -> PathBuf {
@@ -71,31 +56,15 @@ impl Group {
     }
 
     fn start_replica(&mut self, id: NodeId) {
-        self.starts += 1;
-        let log = self.dir.path().join(format!("replica{}.{}.log", id.0, self.starts));
-        let stderr = std::fs::File::create(&log).unwrap();
-        let peers: Vec<String> = self.peers.iter().map(|(id, a)| format!("{}={a}", id.0)).collect();
-        let child = Command::new(env!("CARGO_BIN_EXE_petal"))
-            .args(["serve", "--id", &id.0.to_string(), "--peers", &peers.join(","), "--tick-ms", "50"])
-            .arg("--snapshot-entries")
-            .arg(self.snapshot_entries.to_string())
-            .arg("--data")
-            .arg(self.data_dir(id))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start petal serve");
-        self.replicas.insert(id, Some(Replica { child }));
+        self.servers.start(id.0);
     }
 
     fn kill(&mut self, id: NodeId) {
-        // Dropping the guard sends SIGKILL to that pid and reaps it.
-        self.replicas.insert(id, None);
+        self.servers.kill(id.0);
     }
 
     fn client(&self) -> PetalClient {
-        let mut cfg = ClientConfig::new(self.peers.clone());
+        let mut cfg = ClientConfig::new(self.peers());
         cfg.deadline = DEADLINE;
         PetalClient::new(cfg).unwrap()
     }
@@ -120,7 +89,7 @@ impl Group {
         let start = Instant::now();
         loop {
             let s = self.statuses().await;
-            let live = self.replicas.values().filter(|r| r.is_some()).count();
+            let live = self.live().len();
             let commit = s.values().find(|s| s.role == "Leader").map(|s| s.commit);
             if let Some(commit) = commit {
                 if s.len() == live && s.values().all(|s| s.applied == commit) {
@@ -139,14 +108,12 @@ impl Group {
         loop {
             self.wait_caught_up().await;
             let mut out = BTreeMap::new();
-            for (id, r) in &self.replicas {
-                if r.is_some() {
-                    if let Ok(d) = client.digest(*id).await {
-                        out.insert(*id, (d.applied, d.disks));
-                    }
+            for id in self.live() {
+                if let Ok(d) = client.digest(id).await {
+                    out.insert(id, (d.applied, d.disks));
                 }
             }
-            let live = self.replicas.values().filter(|r| r.is_some()).count();
+            let live = self.live().len();
             let indexes: Vec<u64> = out.values().map(|(a, _)| *a).collect();
             if out.len() == live && indexes.windows(2).all(|w| w[0] == w[1]) {
                 return out;
@@ -157,30 +124,12 @@ impl Group {
     }
 
     fn logs(&self) -> String {
-        let mut out = String::new();
-        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            let p = entry.path();
-            if p.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                out += &format!(
-                    "--- {}\n{}\n",
-                    p.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-        }
-        out
+        log_tails(self.dir.path(), 15)
     }
 
+    /// Everything every replica logged.
     fn log_text(&self) -> String {
-        let mut out = String::new();
-        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            if entry.path().extension().is_some_and(|e| e == "log") {
-                out += &std::fs::read_to_string(entry.path()).unwrap_or_default();
-            }
-        }
-        out
+        log_files(self.dir.path()).iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
     }
 }
 
@@ -270,7 +219,7 @@ async fn kill_one_under_load_then_two() {
 
     // Two of three down: a write waits (no wrong answer), and completes once one is back.
     let leader = g.wait_leader().await;
-    let others: Vec<NodeId> = g.peers.keys().copied().filter(|id| *id != leader).collect();
+    let others: Vec<NodeId> = g.peers().into_keys().filter(|id| *id != leader).collect();
     g.kill(others[0]);
     g.kill(leader);
     let writer = {
@@ -339,7 +288,7 @@ async fn snapshot_fencing_and_bad_input() {
     client.write("vol", u64::MAX - 3, b"last", None).await.unwrap();
     assert_eq!(client.read("vol", u64::MAX - 3, 4).await.unwrap(), b"last");
     // The blocking client, from a thread outside tokio (as FUSE's are).
-    let peers = g.peers.clone();
+    let peers = g.peers();
     std::thread::spawn(move || {
         let blocking = petal::BlockingClient::new(ClientConfig::new(peers)).unwrap();
         blocking.write("vol", 1 << 50, b"from a thread", None).unwrap();
@@ -397,7 +346,7 @@ async fn corrupt_and_missing_blocks_are_served_elsewhere_and_repaired() {
 
     // A follower loses its block file: at restart every block it held is damaged, and the
     // peers' copies repair them.
-    let follower = g.peers.keys().copied().find(|id| *id != leader).unwrap();
+    let follower = g.peers().into_keys().find(|id| *id != leader).unwrap();
     assert!(g.statuses().await[&follower].persisted_index > 10);
     g.kill(follower);
     std::fs::remove_file(g.blocks_file(follower)).unwrap();
@@ -411,7 +360,7 @@ async fn corrupt_and_missing_blocks_are_served_elsewhere_and_repaired() {
 
     // Another follower's block file is cut short: the blocks past its end are damaged,
     // and repaired the same way.
-    let other = g.peers.keys().copied().find(|id| *id != leader && *id != follower).unwrap();
+    let other = g.peers().into_keys().find(|id| *id != leader && *id != follower).unwrap();
     g.kill(other);
     let file = std::fs::OpenOptions::new().write(true).open(g.blocks_file(other)).unwrap();
     let len = file.metadata().unwrap().len();
@@ -425,28 +374,6 @@ async fn corrupt_and_missing_blocks_are_served_elsewhere_and_repaired() {
     assert_eq!(client.read("vol", 0, data.len() as u64).await.unwrap(), data);
 }
 
-/// A small tmpfs mounted for a test; unmounted (lazily, so even while in use) when dropped.
-struct Mount(PathBuf);
-
-impl Mount {
-    /// Mounts a tmpfs of `size` at `dir`, or `None` where that is not allowed (not root).
-    fn tmpfs(dir: &std::path::Path, size: &str) -> Option<Mount> {
-        std::fs::create_dir_all(dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .stderr(Stdio::null())
-            .status();
-        status.is_ok_and(|s| s.success()).then(|| Mount(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 // One replica's store disk fills up: writes go on through the healthy majority without an
 // error to the client, everything acknowledged reads back, the full replica reports its
 // failure and serves no data; restarted with space, it replays its log and matches the
@@ -455,7 +382,7 @@ impl Drop for Mount {
 async fn a_full_store_disk_on_one_replica() {
     let mut g = Group::new(3, 2000);
     let full = NodeId(3);
-    let Some(mount) = Mount::tmpfs(&g.data_dir(full).join("store"), "2m") else {
+    let Ok(mount) = Tmpfs::mount(&g.data_dir(full).join("store"), "2m") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };

@@ -11,6 +11,7 @@ use crate::netns::Network;
 use crate::process::{log_errors, log_tails, wait_for, Proc};
 use crate::proxy::Proxy;
 use crate::servers::{format_cluster, Group};
+use crate::tmpfs::Tmpfs;
 use raft::NodeId;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -124,8 +125,10 @@ impl Cluster {
             let host = network.as_ref().map(|_| MACHINE_HOST + i);
             machines.push(Machine { dir, proc: None, lock_proxies, host, starts: 0 });
         }
-        let small_disk =
-            opts.small_petal_disk.as_ref().map(|(id, size)| Tmpfs::mount(&petal.data_dir(*id), size));
+        let small_disk = opts
+            .small_petal_disk
+            .as_ref()
+            .map(|(id, size)| Tmpfs::mount(&petal.data_dir(*id), size).unwrap_or_else(|e| panic!("{e}")));
         let mut c = Cluster { machines, petal, locks, small_disk, network, runtime, tmp };
         c.petal.start_all();
         c.locks.start_all();
@@ -396,35 +399,4 @@ impl Drop for Cluster {
 pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-/// A size-limited tmpfs mounted over a directory (needs root), unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).expect("tmpfs mount point");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "cannot mount a {size} tmpfs at {} (needs root)", dir.display());
-        Tmpfs(dir.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "cannot resize the tmpfs at {}", self.0.display());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }

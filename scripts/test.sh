@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
+# The programs the cluster tests run are built by this very command (every package with
+# them has integration tests), so the crash suite need not build them again.
+export CLUSTER_TESTS_PREBUILT=1
 cargo test --workspace --no-fail-fast
 # The crash suite once more with every process on a simulated host of its own.
 CRASH_HOSTS=1 CRASH_SEEDS=1 cargo test -p cluster-tests --test crash

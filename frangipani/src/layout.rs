@@ -17,7 +17,7 @@ use crate::sector::{PAYLOAD_BYTES, SECTOR_BYTES};
 /// Identifies a Frangipani superblock.
 pub const MAGIC: [u8; 8] = *b"FRANGIPA";
 /// The on-disk format this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Number of log slots (one per client at a time).
 pub const LOG_SLOTS: u32 = 256;

@@ -24,11 +24,16 @@ use std::collections::BTreeMap;
 pub(crate) enum Pool {
     /// Inode numbers: every unit.
     Any,
-    /// Even block numbers.
+    /// Small blocks of even-numbered runs of [`SMALL_RUN`]; even large blocks.
     Meta,
-    /// Odd block numbers.
+    /// Small blocks of odd-numbered runs; odd large blocks. A file's small blocks can sit
+    /// side by side on the disk, so its pages go back in one write.
     Data,
 }
+
+/// Small blocks alternate between the pools in runs of this many (256 KiB, more than a
+/// file's [`SMALL_LIMIT`]).
+const SMALL_RUN: u64 = 64;
 
 impl Pool {
     pub(crate) fn of(inode: &Inode) -> Pool {
@@ -39,11 +44,12 @@ impl Pool {
         }
     }
 
-    pub(crate) fn holds(self, unit: u64) -> bool {
+    pub(crate) fn holds(self, bitmap: Bitmap, unit: u64) -> bool {
+        let stripe = if bitmap == Bitmap::Small { unit / SMALL_RUN } else { unit };
         match self {
             Pool::Any => true,
-            Pool::Meta => unit.is_multiple_of(2),
-            Pool::Data => !unit.is_multiple_of(2),
+            Pool::Meta => stripe.is_multiple_of(2),
+            Pool::Data => !stripe.is_multiple_of(2),
         }
     }
 }
@@ -274,7 +280,7 @@ impl<'a> Txn<'a> {
                             break;
                         }
                         // Inode 0 and block 0 of each bitmap are never handed out.
-                        if unit == 0 || *byte & (1 << bit) != 0 || !pool.holds(unit) {
+                        if unit == 0 || *byte & (1 << bit) != 0 || !pool.holds(bitmap, unit) {
                             continue;
                         }
                         *byte |= 1 << bit;
@@ -305,7 +311,7 @@ impl<'a> Txn<'a> {
             *byte &= !(1 << (bit % 8));
             self.write(addr, &lock, s)?;
             // Only data blocks are zeroed once free: metadata blocks keep their versions.
-            if bitmap != Bitmap::Inodes && Pool::Data.holds(unit) {
+            if bitmap != Bitmap::Inodes && Pool::Data.holds(bitmap, unit) {
                 self.freed.push((bitmap, unit));
             }
         }

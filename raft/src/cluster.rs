@@ -2,6 +2,34 @@
 
 use crate::NodeId;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The flags every `serve` of a Raft-replicated program starts with: who this member is,
+/// who founded the group, where it keeps its data. Flattened into each program's command.
+#[derive(clap::Args, Clone, Debug)]
+pub struct MemberArgs {
+    /// This member's id (as in --peers).
+    #[arg(long)]
+    pub id: u64,
+    /// Every founding member as ID=HOST:PORT, comma-separated (this one included).
+    #[arg(long)]
+    pub peers: String,
+    /// Data directory.
+    #[arg(long)]
+    pub data: PathBuf,
+}
+
+impl MemberArgs {
+    /// This member's id and every founding member's address.
+    pub fn members(&self) -> Result<(NodeId, BTreeMap<NodeId, String>), String> {
+        let peers = parse_cluster(&self.peers).map_err(|e| format!("--peers: {e}"))?;
+        let id = NodeId(self.id);
+        if !peers.contains_key(&id) {
+            return Err(format!("--peers does not list this member ({id})"));
+        }
+        Ok((id, peers))
+    }
+}
 
 /// Parses `ID=HOST:PORT` pairs separated by commas into each member's address.
 pub fn parse_cluster(s: &str) -> Result<BTreeMap<NodeId, String>, String> {

@@ -12,9 +12,9 @@ use lockserver::cluster::{format_cluster, parse_cluster, Cluster};
 use lockserver::service::{proto, serve, ServerConfig, DEFAULT_LEASE_MS};
 use lockserver::table::Limits;
 use lockserver::{Callbacks, Clerk, ClerkConfig, Mode, NoCallbacks, SessionId, Slot};
+use raft::cluster::MemberArgs;
 use raft::NodeId;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,15 +35,8 @@ struct Cli {
 enum Command {
     /// Run one lock server.
     Serve {
-        /// This node's id (as in --peers).
-        #[arg(long)]
-        id: u64,
-        /// Every founding member as ID=HOST:PORT, comma-separated (this node included).
-        #[arg(long)]
-        peers: String,
-        /// Data directory.
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        member: MemberArgs,
         /// Listen here instead of at this node's address in --peers (behind a proxy).
         #[arg(long)]
         listen: Option<String>,
@@ -106,9 +99,7 @@ async fn main() -> anyhow::Result<()> {
     raft::logging::init("info");
     match Cli::parse().command {
         Command::Serve {
-            id,
-            peers,
-            data,
+            member,
             listen,
             lease_ms,
             tick_ms,
@@ -116,14 +107,10 @@ async fn main() -> anyhow::Result<()> {
             locks_per_session_max,
             waiters_per_session_max,
         } => {
-            let peers = parse_cluster(&peers).map_err(anyhow::Error::msg).context("parse --peers")?;
-            let id = NodeId(id);
-            let listen = match listen {
-                Some(l) => l,
-                None => peers.get(&id).with_context(|| format!("--peers does not list node {id}"))?.clone(),
-            };
+            let (id, peers) = member.members().map_err(anyhow::Error::msg)?;
+            let listen = listen.unwrap_or_else(|| peers[&id].clone());
             let listen = listen.parse().with_context(|| format!("bad listen address {listen}"))?;
-            let mut cfg = ServerConfig::new(id, peers, data);
+            let mut cfg = ServerConfig::new(id, peers, member.data);
             cfg.lease_ms = lease_ms;
             cfg.raft_tick = Duration::from_millis(tick_ms);
             cfg.snapshot_entries = snapshot_entries;

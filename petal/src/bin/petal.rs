@@ -13,8 +13,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use petal::{PetalClient, ServerConfig};
-use raft::cluster::parse_cluster;
-use raft::NodeId;
+use raft::cluster::{parse_cluster, MemberArgs};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,15 +31,8 @@ struct Cli {
 enum Command {
     /// Run one replica.
     Serve {
-        /// This replica's id (as in --peers).
-        #[arg(long)]
-        id: u64,
-        /// Every founding replica as ID=HOST:PORT, comma-separated (this one included).
-        #[arg(long)]
-        peers: String,
-        /// Data directory (Raft log and block store).
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        member: MemberArgs,
         /// Where to listen; default: this replica's address in --peers.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
@@ -141,18 +133,9 @@ fn client(cluster: &str) -> anyhow::Result<PetalClient> {
 async fn main() -> anyhow::Result<()> {
     raft::logging::init("info");
     match Cli::parse().command {
-        Command::Serve {
-            id,
-            peers,
-            data,
-            listen,
-            tick_ms,
-            snapshot_entries,
-            max_io_bytes,
-            fence_margin_ms,
-        } => {
-            let peers = parse_cluster(&peers).map_err(anyhow::Error::msg).context("parse --peers")?;
-            let mut cfg = ServerConfig::new(NodeId(id), peers, data)?;
+        Command::Serve { member, listen, tick_ms, snapshot_entries, max_io_bytes, fence_margin_ms } => {
+            let (id, peers) = member.members().map_err(anyhow::Error::msg)?;
+            let mut cfg = ServerConfig::new(id, peers, member.data)?;
             if let Some(listen) = listen {
                 cfg.listen = listen;
             }

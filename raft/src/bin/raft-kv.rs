@@ -11,6 +11,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use raft::cluster::MemberArgs;
 use raft::kv_service::{serve, KvClient, ServerConfig};
 use raft::NodeId;
 use std::collections::BTreeMap;
@@ -30,15 +31,8 @@ struct Cli {
 enum Command {
     /// Run one node.
     Serve {
-        /// This node's id (as in --peers).
-        #[arg(long)]
-        id: u64,
-        /// Every founding member as ID=HOST:PORT, comma-separated (this node included).
-        #[arg(long)]
-        peers: String,
-        /// Data directory.
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        member: MemberArgs,
         /// Raft tick length in milliseconds (election timeout is 10-20 ticks).
         #[arg(long, default_value_t = 50)]
         tick_ms: u64,
@@ -89,15 +83,14 @@ fn parse_cluster(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
 async fn main() -> anyhow::Result<()> {
     raft::logging::init("info");
     match Cli::parse().command {
-        Command::Serve { id, peers, data, tick_ms, snapshot_entries } => {
-            let peers = parse_cluster(&peers)?;
-            let id = NodeId(id);
-            let listen = peers.get(&id).with_context(|| format!("--peers does not list node {id}"))?;
+        Command::Serve { member, tick_ms, snapshot_entries } => {
+            let (id, peers) = member.members().map_err(anyhow::Error::msg)?;
+            let listen = &peers[&id];
             let listen = listen.parse().with_context(|| format!("bad listen address {listen}"))?;
             serve(ServerConfig {
                 id,
                 peers,
-                data_dir: data,
+                data_dir: member.data,
                 listen,
                 tick: Duration::from_millis(tick_ms),
                 snapshot_entries,
